@@ -1,0 +1,379 @@
+"""The Unified Policy Gradient Estimator (UPGE) of the HPT paper (arXiv 2509.04419, Eq. 6).
+
+    grad = 1_stable * (1 / pi_ref) * A * grad pi_theta  =  1_stable * (pi_theta / pi_ref) * A * grad log pi_theta
+
+An estimator is the four parts plus an aggregation over tokens and sequences:
+
+- `reference` (the denominator pi_ref): `policy` (pi_ref = pi_theta: grad log pi), `old`
+  (pi_ref = pi_old: the PPO ratio), `one` (pi_ref = 1: grad pi), `behaviour` (pi_ref = pi_beta, from
+  `behaviour_logp`), `sequence_geometric` (GSPO: pi_theta / pi_ref = (pi_theta / pi_old)^(1/|y|) per
+  sequence, the same value on each token of the sequence).
+- `advantage`: a name from `theory.advantages.ADVANTAGES`.
+- `mask` (1_stable): `none`, `ppo_clip` (eps_low, eps_high), `dual_clip` (PPO clip plus the cap c for
+  A < 0), `cispo` (no mask; the weight is the clipped ratio, stop-gradient), `sequence_clip` (PPO clip
+  on GSPO's sequence ratio).
+- `shaping` of the likelihood gradient: `none`, or `luffy`: f(pi) = pi / (pi + gamma), so that
+  grad f(pi) = gamma / (pi + gamma)^2 * grad pi.
+- `aggregation` (the weights a_{i,t} with loss = sum a * l; M is the token mask, L_i = sum_t M_it,
+  S the number of sequences (`num_seqs`, default B), L a constant length (`max_length`, default T)):
+
+  | name                      | a_{i,t}            | matches                                    |
+  |---------------------------|--------------------|--------------------------------------------|
+  | `token_mean`              | M / sum M          | verl token-mean (local), TRL bnpo          |
+  | `global_token_mean`       | M / num_items      | verl token-mean (global), TRL dapo         |
+  | `seq_mean_token_mean`     | M / (S L_i)        | verl seq-mean-token-mean, TRL grpo         |
+  | `seq_mean_token_sum`      | M / S              | verl seq-mean-token-sum                    |
+  | `seq_mean_token_sum_norm` | M / L              | verl seq-mean-token-sum-norm (no 1/S)      |
+  | `batch_token_sum_norm`    | M / (S L)          | TRL dr_grpo                                |
+
+Demonstration rows (`is_demo`, for LUFFY and SRFT) use `demo_reference` and `demo_shaping` instead of
+`reference` and `shaping`, and are never masked, as in both methods' code.
+
+The loss is built so that its gradient with respect to `logp` is exactly `-coefficients`:
+
+    loss = sum_{i,t} a_{i,t} * ( sg(l_{i,t}) - sg(w_{i,t}) * (logp_{i,t} - sg(logp_{i,t})) )
+
+where l is the method's per-token loss value (e.g. -min(rho A, clip(rho) A)) and w = 1_stable *
+(pi_theta/pi_ref) * A * shaping' its UPGE weight. The value of the loss is therefore the method's
+loss, and the gradient is the UPGE estimate with no tie-breaking ambiguity at the clip boundaries.
+The tests check both against plain-loop references written from the papers and libraries
+(tests/theory/test_estimator.py).
+
+Numerics: log-ratios are clamped to [-20, 20] before exponentiation (verl's guard), masked positions
+are replaced by 0 before any arithmetic, so a fully masked row contributes exactly nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from theory import advantages as adv_mod
+
+Tensor = torch.Tensor
+
+REFERENCES = ("policy", "old", "one", "behaviour", "sequence_geometric")
+MASKS = ("none", "ppo_clip", "dual_clip", "cispo", "sequence_clip")
+SHAPINGS = ("none", "luffy")
+AGGREGATIONS = ("token_mean", "global_token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                "seq_mean_token_sum_norm", "batch_token_sum_norm")
+_RATIO_REFERENCES = ("old", "behaviour", "sequence_geometric")
+
+
+@dataclass(frozen=True)
+class UPGE:
+    """One estimator: the four UPGE parts, an aggregation, and their options.
+
+    Build one with `preset(name, **options)` or directly, e.g.
+    `UPGE(reference="old", advantage="group_mean", mask="ppo_clip", aggregation="token_mean")`.
+    """
+
+    name: str = "custom"
+    reference: str = "old"
+    advantage: str = "group_norm"
+    mask: str = "ppo_clip"
+    shaping: str = "none"
+    aggregation: str = "token_mean"
+    eps_low: float = 0.2             # clip range [1 - eps_low, 1 + eps_high]
+    eps_high: float = 0.2
+    clip_c: float = 3.0              # dual clip: loss capped at -c * A for A < 0 (verl's clip_ratio_c)
+    shaping_gamma: float = 0.1       # LUFFY's gamma in f(p) = p / (p + gamma)
+    std_eps: float = 1e-6            # advantage normalisation: (r - mean) / (std + std_eps)
+    std_unbiased: bool = True
+    demo_reference: str | None = None  # reference on demonstration rows; None: no demonstrations
+    demo_shaping: str = "none"
+    max_length: int | None = None    # constant L of the *_norm aggregations; None: the padded length T
+    log_ratio_clamp: float = 20.0
+    in_table1: bool = False          # listed in the HPT paper's Table 1
+    citation: str = ""
+
+    def __post_init__(self):
+        _check_choice("reference", self.reference, REFERENCES)
+        _check_choice("advantage", self.advantage, tuple(adv_mod.ADVANTAGES))
+        _check_choice("mask", self.mask, MASKS)
+        _check_choice("shaping", self.shaping, SHAPINGS)
+        _check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        _check_choice("demo_shaping", self.demo_shaping, SHAPINGS)
+        if self.demo_reference is not None:
+            _check_choice("demo_reference", self.demo_reference, ("policy", "one"))
+        if self.mask != "none" and self.reference not in _RATIO_REFERENCES:
+            raise ValueError(f"mask: {self.mask!r} needs a ratio, i.e. reference in {_RATIO_REFERENCES}; "
+                             f"got reference={self.reference!r}")
+        if (self.mask == "sequence_clip") != (self.reference == "sequence_geometric" and self.mask != "none"):
+            raise ValueError("mask: 'sequence_clip' goes with reference='sequence_geometric' and only with it; "
+                             f"got mask={self.mask!r}, reference={self.reference!r}")
+        if self.shaping == "luffy" and self.reference != "one":
+            raise ValueError("shaping: 'luffy' shapes grad pi and needs reference='one'")
+        if self.demo_shaping == "luffy" and self.demo_reference != "one":
+            raise ValueError("demo_shaping: 'luffy' needs demo_reference='one'")
+        for f in ("eps_low", "eps_high", "shaping_gamma", "std_eps", "log_ratio_clamp"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v != v:
+                raise ValueError(f"{f}: expected a non-negative number, got {v!r}")
+        if self.mask == "dual_clip" and not self.clip_c > 1 + self.eps_high:
+            raise ValueError(f"clip_c: dual clip needs clip_c > 1 + eps_high, got {self.clip_c!r}")
+        if self.shaping_gamma == 0 and "luffy" in (self.shaping, self.demo_shaping):
+            raise ValueError("shaping_gamma: must be > 0 for the LUFFY shaping")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ValueError(f"max_length: expected a positive int or None, got {self.max_length!r}")
+
+    def replace(self, **options) -> UPGE:
+        _check_options(options)
+        return dataclasses.replace(self, **options)
+
+    # ------------------------------------------------------------------ advantages
+    def advantages(self, rewards, group_size: int) -> Tensor:
+        """rewards [B] (B = n_prompts * group_size, groups contiguous) -> advantages [B]."""
+        return adv_mod.compute(self.advantage, rewards, group_size,
+                               std_eps=self.std_eps, std_unbiased=self.std_unbiased)
+
+    # ------------------------------------------------------------------ loss and coefficients
+    def loss(self, logp: Tensor, old_logp: Tensor | None = None, advantages: Tensor | None = None,
+             mask: Tensor | None = None, **kw) -> Tensor:
+        """Scalar surrogate; its negative gradient with respect to `logp` is the UPGE estimate.
+
+        logp, old_logp, mask: [B, T] (or [B] for one-step problems such as bandits); advantages: [B].
+        Keywords: is_demo [B] bool, behaviour_logp [B, T], num_items (global token count for
+        `global_token_mean`), num_seqs (global sequence count for the seq_* aggregations),
+        max_length (L of the *_norm aggregations). `old_logp=None` means on-policy (old = sg(logp)).
+        """
+        t = self._terms(logp, old_logp, advantages, mask, **kw)
+        lp = t["logp"]
+        per_token = t["value"] - t["w"] * (lp - lp.detach())
+        return (t["agg"] * torch.where(t["mask"], per_token, torch.zeros_like(per_token))).sum()
+
+    def coefficients(self, logp: Tensor, old_logp: Tensor | None = None, advantages: Tensor | None = None,
+                     mask: Tensor | None = None, **kw) -> Tensor:
+        """Per-token weights w with grad(loss, logp) == -w; same shape as `logp`."""
+        t = self._terms(logp, old_logp, advantages, mask, **kw)
+        w = torch.where(t["mask"], t["agg"] * t["w"], torch.zeros_like(t["w"]))
+        return w.reshape(logp.shape)
+
+    def diagnostics(self, logp: Tensor, old_logp: Tensor | None = None, advantages: Tensor | None = None,
+                    mask: Tensor | None = None, **kw) -> dict[str, float]:
+        """Token-mean statistics over valid tokens: clip fraction, ratio mean / max / min."""
+        t = self._terms(logp, old_logp, advantages, mask, **kw)
+        m = t["mask"]
+        n = max(int(m.sum()), 1)
+        ratio = t["ratio"][m]
+        return {
+            "clip_fraction": float((t["clipped"] & m).sum()) / n,
+            "ratio_mean": float(ratio.mean()) if ratio.numel() else 1.0,
+            "ratio_max": float(ratio.max()) if ratio.numel() else 1.0,
+            "ratio_min": float(ratio.min()) if ratio.numel() else 1.0,
+        }
+
+    # ------------------------------------------------------------------ internals
+    def _terms(self, logp, old_logp, advantages, mask, is_demo=None, behaviour_logp=None,
+               num_items=None, num_seqs=None, max_length=None) -> dict[str, Tensor]:
+        logp, old_logp, behaviour_logp, A, M, demo = self._check_inputs(
+            logp, old_logp, advantages, mask, is_demo, behaviour_logp)
+        zero = torch.zeros_like(logp)
+        # Masked positions become 0 before any arithmetic: padding may hold -inf or garbage.
+        lp = torch.where(M, logp, zero)
+        lp_d = lp.detach()
+        old = torch.where(M, old_logp, zero) if old_logp is not None else lp_d
+        beh = torch.where(M, behaviour_logp, zero) if behaviour_logp is not None else None
+        A = A[:, None].expand_as(lp).to(lp.dtype)
+
+        value, w, ratio, clipped = self._policy_part(lp, lp_d, old, beh, A, M)
+        if demo is not None and bool(demo.any()):
+            dv, dw, dr = _denominator(self.demo_reference, self.demo_shaping, self.shaping_gamma, lp, lp_d, A)
+            d = demo[:, None].expand_as(lp)
+            value, w, ratio = torch.where(d, dv, value), torch.where(d, dw, w), torch.where(d, dr, ratio)
+            clipped = clipped & ~d
+        agg = self._aggregation(M.to(lp.dtype), num_items, num_seqs, max_length)
+        return {"logp": lp, "value": value.detach(), "w": w.detach(), "agg": agg, "mask": M,
+                "ratio": ratio.detach(), "clipped": clipped}
+
+    def _policy_part(self, lp, lp_d, old, beh, A, M):
+        """Per-token (loss value, UPGE weight, ratio pi_theta/pi_ref, clipped flag) of non-demo rows."""
+        if self.reference not in _RATIO_REFERENCES:
+            value, w, ratio = _denominator(self.reference, self.shaping, self.shaping_gamma, lp, lp_d, A)
+            return value, w, ratio, torch.zeros_like(M)
+        base = beh if self.reference == "behaviour" else old
+        c = self.log_ratio_clamp
+        log_ratio = (lp_d - base).clamp(-c, c)
+        if self.reference == "sequence_geometric":
+            Mf = M.to(lp.dtype)
+            seq = (log_ratio * Mf).sum(-1, keepdim=True) / Mf.sum(-1, keepdim=True).clamp(min=1)
+            log_ratio = seq.expand_as(lp)
+        rho = torch.exp(log_ratio)
+        lo, hi = 1 - self.eps_low, 1 + self.eps_high
+        if self.mask == "none":
+            return -A * rho, A * rho, rho, torch.zeros_like(M)
+        if self.mask == "cispo":
+            weight = rho.clamp(lo, hi)
+            return -weight * A * lp_d, weight * A, rho, (rho < lo) | (rho > hi)
+        # PPO-style clip (token or sequence ratio): zero gradient where the ratio left the trust
+        # region in the direction the advantage pushes it.
+        value = torch.maximum(-rho * A, -rho.clamp(lo, hi) * A)
+        unstable = ((A > 0) & (rho > hi)) | ((A < 0) & (rho < lo))
+        if self.mask == "dual_clip":
+            capped = (A < 0) & (rho > self.clip_c)
+            value = torch.where(A < 0, torch.minimum(value, -self.clip_c * A), value)
+            unstable = unstable | capped
+        w = torch.where(unstable, torch.zeros_like(rho), A * rho)
+        return value, w, rho, unstable
+
+    def _aggregation(self, Mf, num_items, num_seqs, max_length) -> Tensor:
+        B, T = Mf.shape
+        S = _positive("num_seqs", num_seqs, B)
+        L = _positive("max_length", max_length, self.max_length if self.max_length is not None else T)
+        name = self.aggregation
+        if name == "token_mean":
+            out = Mf / Mf.sum().clamp(min=1)
+        elif name == "global_token_mean":
+            out = Mf / _positive("num_items", num_items, max(float(Mf.sum()), 1.0))
+        elif name == "seq_mean_token_mean":
+            out = Mf / (Mf.sum(-1, keepdim=True).clamp(min=1) * S)
+        elif name == "seq_mean_token_sum":
+            out = Mf / S
+        elif name == "seq_mean_token_sum_norm":
+            out = Mf / L
+        else:  # batch_token_sum_norm
+            out = Mf / (S * L)
+        return out
+
+    def _check_inputs(self, logp, old_logp, advantages, mask, is_demo, behaviour_logp):
+        if not isinstance(logp, Tensor) or not logp.is_floating_point():
+            raise ValueError("logp: expected a floating-point torch.Tensor of shape [B, T] or [B]")
+        if logp.dim() not in (1, 2):
+            raise ValueError(f"logp: expected shape [B, T] or [B], got {tuple(logp.shape)}")
+        shape = logp.shape
+        two_d = logp if logp.dim() == 2 else logp[:, None]
+        B = shape[0]
+
+        M = torch.ones_like(two_d, dtype=torch.bool)
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if mask.shape != shape:
+                raise ValueError(f"mask: expected shape {tuple(shape)} (that of logp), got {tuple(mask.shape)}")
+            M = (mask != 0).reshape(two_d.shape)
+
+        def same(name, x):
+            if x is None:
+                return None
+            x = torch.as_tensor(x)
+            if x.shape != shape:
+                raise ValueError(f"{name}: expected shape {tuple(shape)} (that of logp), got {tuple(x.shape)}")
+            x = x.to(logp.dtype).reshape(two_d.shape)
+            if bool(torch.isnan(x[M]).any()):
+                raise ValueError(f"{name}: contains NaN at unmasked positions")
+            return x
+
+        if bool(torch.isnan(two_d[M]).any()):
+            raise ValueError("logp: contains NaN at unmasked positions")
+        if bool((two_d[M] > 1e-4).any()):
+            raise ValueError("logp: log-probabilities must be <= 0 (got positive values: logits or probabilities?)")
+        old = same("old_logp", old_logp)
+        if self.reference == "behaviour" and behaviour_logp is None:
+            raise ValueError("behaviour_logp: required by reference='behaviour'")
+        beh = same("behaviour_logp", behaviour_logp)
+        if advantages is None:
+            if self.advantage != "one":
+                raise ValueError(f"advantages: required (estimator {self.name!r} uses advantage "
+                                 f"{self.advantage!r}); compute them with est.advantages(rewards, group_size)")
+            advantages = torch.ones(B, dtype=logp.dtype)
+        A = torch.as_tensor(advantages).to(logp.dtype)
+        if A.shape != (B,):
+            raise ValueError(f"advantages: expected shape [B]=[{B}], got {tuple(A.shape)}")
+        if not bool(torch.isfinite(A).all()):
+            raise ValueError("advantages: contains NaN or infinite values")
+        demo = None
+        if is_demo is not None:
+            demo = torch.as_tensor(is_demo).to(torch.bool)
+            if demo.shape != (B,):
+                raise ValueError(f"is_demo: expected shape [B]=[{B}], got {tuple(demo.shape)}")
+            if bool(demo.any()) and self.demo_reference is None:
+                raise ValueError(f"is_demo: estimator {self.name!r} has no demonstration part "
+                                 "(set demo_reference, or use 'luffy' / 'srft')")
+        return two_d, old, beh, A, M, demo
+
+
+def _denominator(reference, shaping, gamma, lp, lp_d, A):
+    """(value, weight, ratio) for the ratio-free references `policy` and `one`."""
+    if reference == "policy":  # pi_ref = pi_theta: -A log pi, weight A
+        return -A * lp_d, A.clone(), torch.ones_like(lp)
+    p = torch.exp(lp_d)  # pi_ref = 1: -A pi (or -A f(pi)), weight A pi (times f'(pi))
+    if shaping == "luffy":
+        return -A * p / (p + gamma), A * p * gamma / (p + gamma) ** 2, p
+    return -A * p, A * p, p
+
+
+def _positive(name, value, default):
+    if value is None:
+        return default
+    if isinstance(value, Tensor):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return value
+
+
+def _check_choice(arg, value, valid):
+    if value not in valid:
+        raise ValueError(f"{arg}: unknown value {value!r}; valid: {list(valid)}")
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(UPGE))
+
+
+def _check_options(options):
+    bad = sorted(set(options) - set(_FIELDS) - {"name"})
+    if bad:
+        raise ValueError(f"unknown option(s) {bad}; valid options: {sorted(set(_FIELDS) - {'name'})}")
+
+
+# ---------------------------------------------------------------------------------------- presets
+# Table 1 of the HPT paper first (in its order), then its kin. A preset added here appears in
+# `ptlab table1` with no other edit.
+PRESETS: dict[str, UPGE] = {}
+
+
+def _add(**kw):
+    PRESETS[kw["name"]] = UPGE(**kw)
+
+
+_add(name="sft", reference="policy", advantage="one", mask="none", aggregation="token_mean",
+     in_table1=True, citation="behaviour cloning; TRL SFTTrainer (token mean)")
+_add(name="ppo", reference="old", advantage="given", mask="ppo_clip", aggregation="token_mean",
+     in_table1=True, citation="Schulman et al. 2017; verl vanilla loss, token-mean")
+_add(name="grpo", reference="old", advantage="group_norm", mask="ppo_clip", aggregation="seq_mean_token_mean",
+     in_table1=True, citation="Shao et al. 2024; TRL loss_type='grpo'")
+_add(name="reinforce", reference="policy", advantage="raw", mask="none", aggregation="seq_mean_token_sum",
+     in_table1=True, citation="Williams 1992; Ahmadian et al. 2024 (A = +-1)")
+_add(name="cispo", reference="old", advantage="group_norm", mask="cispo", eps_low=1.0, eps_high=4.0,
+     aggregation="global_token_mean", in_table1=True,
+     citation="MiniMax-M1 2025; weight sg(clip(rho, 0, 5)), token-level normaliser")
+_add(name="gspo", reference="sequence_geometric", advantage="group_norm", mask="sequence_clip",
+     eps_low=3e-4, eps_high=4e-4, aggregation="seq_mean_token_mean", in_table1=True,
+     citation="Zheng et al. 2025")
+_add(name="srft", reference="old", advantage="group_norm", mask="ppo_clip", demo_reference="one",
+     aggregation="seq_mean_token_mean", in_table1=True,
+     citation="Fu et al. 2025; demonstrations with pi_ref = 1 (HPT Table 1, App. A Eq. 19)")
+_add(name="luffy", reference="old", advantage="group_norm", mask="ppo_clip", demo_reference="one",
+     demo_shaping="luffy", aggregation="token_mean", in_table1=True,
+     citation="Yan et al. 2025; demonstrations shaped by f(p) = p/(p+0.1)")
+_add(name="dapo", reference="old", advantage="group_norm", mask="ppo_clip", eps_high=0.28,
+     aggregation="global_token_mean", citation="Yu et al. 2025; TRL loss_type='dapo'")
+_add(name="dr_grpo", reference="old", advantage="group_mean", mask="ppo_clip",
+     aggregation="batch_token_sum_norm", citation="Liu et al. 2025; TRL loss_type='dr_grpo'")
+_add(name="bnpo", reference="old", advantage="group_norm", mask="ppo_clip", aggregation="token_mean",
+     citation="TRL loss_type='bnpo' (token mean of the local micro-batch)")
+_add(name="rloo", reference="policy", advantage="rloo", mask="none", aggregation="seq_mean_token_sum",
+     citation="Kool et al. 2019; Ahmadian et al. 2024")
+_add(name="hpt_paper", reference="old", advantage="group_norm", mask="ppo_clip",
+     aggregation="seq_mean_token_sum", citation="HPT Eq. 11: the RL part of HPT as printed")
+_add(name="hpt_code", reference="old", advantage="group_mean", mask="none",
+     aggregation="seq_mean_token_sum_norm", max_length=8192,
+     citation="HPT released code: no std, no clip, token sum / 8192")
+
+
+def preset(name: str, **options) -> UPGE:
+    """The named estimator, with options overridden (e.g. `preset("dapo", eps_high=0.3)`)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown name {name!r}; valid: {list(PRESETS)}")
+    return PRESETS[name].replace(**options)
