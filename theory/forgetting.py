@@ -234,7 +234,7 @@ class LogLinearProblem:
         """(theta*, f*) minimising lam f_dpo + (1 - lam) f_sft; theta* is the minimiser of least norm.
 
         Damped Newton in the coordinates of `_basis` (where the Hessian is positive definite), stopped
-        when the Newton decrement^2 < 1e-22. Raises NoFiniteMinimiser when the infimum is not attained.
+        when the Newton decrement^2 < 1e-20. Raises NoFiniteMinimiser when the infimum is not attained.
         """
         lam = _check_lam(lam)
         if theta0 is None and lam in self._opt_cache:
@@ -252,8 +252,12 @@ class LogLinearProblem:
             H = B.T @ (lam * self.hess_dpo(th) + (1 - lam) * self.hess_sft(th)) @ B
             step = -np.linalg.solve(H, g) if B.shape[1] else z
             dec = float(-g @ step)
-            if dec < 1e-22:
+            # f - f* ~ dec / 2: below 1e-20 (or a step at rounding level) float64 cannot see progress
+            if dec < 1e-20 or np.linalg.norm(step) <= 1e-14 * (1.0 + np.linalg.norm(z)):
                 break
+            if dec < 1e-10:  # inside the quadratic region, where f differences drown in rounding: full step
+                z = z + step
+                continue
             t, f0 = 1.0, f(th)
             while f(B @ (z + t * step)) > f0 - 0.25 * t * dec and t > 1e-12:
                 t *= 0.5
