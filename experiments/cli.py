@@ -42,9 +42,22 @@ def _table1_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="YAML config (see experiments/configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. run.max_steps=4")
+
+
+def _train_run(a: argparse.Namespace) -> int:
+    from scale.train import main as train_main
+
+    train_main(str(a.config), a.overrides)
+    return 0
+
+
 COMMANDS = {
     "figures": (_figures_args, _figures_run, "regenerate the figures and tables under paper_figs/"),
     "table1": (_table1_args, _table1_run, "render the HPT paper's Table 1 from the estimator presets"),
+    "train": (_train_args, _train_run, "train a model: sft, dpo, rl, hpt, luffy, srft, sft_dpo (scale/train.py)"),
 }
 
 
