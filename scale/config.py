@@ -35,7 +35,7 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     path: str = ""                    # local Hugging Face folder or hub name
-    dtype: str = "auto"               # auto (bf16 where supported, else float32) | float32 | bfloat16 | float16 | float64
+    dtype: str = "auto"               # auto (bf16 where supported, else fp32) | float32 | bfloat16 | float16 | float64
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     ref_path: str = ""                # reference model for DPO / KL; "" = a frozen copy of the initial model
@@ -190,7 +190,8 @@ class Config:
         if m.name in ("rl", "hpt", "luffy", "srft") and g.n < 2:
             raise ValueError(f"generation.n: method {m.name!r} needs at least 2 samples per prompt, got {g.n}")
         if r.batch_size % m.rl.mini_batches:
-            raise ValueError(f"method.rl.mini_batches: must divide run.batch_size={r.batch_size}, got {m.rl.mini_batches}")
+            raise ValueError(f"method.rl.mini_batches: must divide run.batch_size={r.batch_size}, "
+                             f"got {m.rl.mini_batches}")
         if m.name == "sft_dpo" and m.joint.schedule == "sequential" and len(m.joint.order) != 2:
             raise ValueError(f"method.joint.order: expected two objective names, got {m.joint.order}")
         if len(r.betas) != 2:

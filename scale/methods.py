@@ -1,0 +1,189 @@
+"""What each method trains on, and the loss of one micro-batch, written on plain tensors.
+
+A training batch is a list of `Row`s (one sequence each: prompt + completion token ids, the part that is
+scored, a kind, an advantage and a weight). Methods differ only in which rows they build and which loss
+terms those rows enter:
+
+| kind      | term | estimator                                                    | weight                  |
+|-----------|------|--------------------------------------------------------------|-------------------------|
+| `rl`      | rl   | the method's `theory.estimator` preset (`is_demo` False)     | advantage * weight      |
+| `demo`    | rl   | the same preset with `is_demo` True (LUFFY, SRFT)            | advantage               |
+| `sft`     | sft  | preset `sft` (global token mean, or per-sequence mean)       | weight (HPT's beta)     |
+| `chosen`, `rejected` | dpo | -log sigmoid(beta * margin) over pairs (rows 2k, 2k+1) | weight                |
+
+Every term is normalised by GLOBAL counts (all micro-batches of the optimizer step, all processes),
+passed to the estimator as `num_items` / `num_seqs`. The micro-batch loss is the micro-batch's share of
+the global loss, so the sum over micro-batches and processes is the global loss whatever the split; the
+trainer multiplies it by (accumulation steps x processes) to cancel accelerate's division by the
+accumulation steps and DDP's mean over processes (ecosystem.md section 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from theory.estimator import UPGE, preset
+
+KINDS = ("rl", "demo", "sft", "chosen", "rejected")
+
+
+@dataclass
+class Row:
+    input_ids: list[int]
+    prompt_len: int
+    kind: str
+    advantage: float = 0.0
+    weight: float = 1.0
+    ref_logp: float = 0.0                 # DPO: sequence log-prob under the reference model
+    old_logp: list[float] | None = None   # RL with several updates per batch: per completion token
+    ref_token_logp: list[float] | None = None  # KL to the reference: per completion token
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+
+@dataclass
+class Terms:
+    """The loss terms of a method; None / 0 disables a term."""
+
+    rl: UPGE | None = None
+    sft: UPGE | None = None
+    dpo_beta: float | None = None
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+
+
+def rl_estimator(name: str, options: dict | None = None) -> UPGE:
+    """A preset for the trainer: the local `token_mean` becomes `global_token_mean` with a global count,
+    the same value on one micro-batch and process, and invariant to the split otherwise."""
+    est = preset(name, **(options or {}))
+    if est.aggregation == "token_mean":
+        est = est.replace(aggregation="global_token_mean")
+    return est
+
+
+def sft_estimator(aggregation: str = "global_token_mean") -> UPGE:
+    return preset("sft", aggregation=aggregation)
+
+
+def collate(rows: list[Row], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Right-padded tensors [n, T]: input_ids, attention_mask, score_mask (the completion tokens), and per
+    row advantage, weight, is_demo, ref_logp, old_logp / ref_token_logp [n, T] (0 where not scored)."""
+    n, T = len(rows), max(len(r.input_ids) for r in rows)
+    ids = torch.full((n, T), pad_id, dtype=torch.long)
+    att = torch.zeros((n, T), dtype=torch.long)
+    score = torch.zeros((n, T), dtype=torch.bool)
+    old = torch.zeros((n, T), dtype=torch.float64)
+    ref_tok = torch.zeros((n, T), dtype=torch.float64)
+    has_old = any(r.old_logp is not None for r in rows)
+    has_ref_tok = any(r.ref_token_logp is not None for r in rows)
+    for i, r in enumerate(rows):
+        L = len(r.input_ids)
+        ids[i, :L] = torch.tensor(r.input_ids)
+        att[i, :L] = 1
+        score[i, r.prompt_len:L] = True
+        if r.old_logp is not None:
+            old[i, r.prompt_len:L] = torch.tensor(r.old_logp, dtype=torch.float64)
+        if r.ref_token_logp is not None:
+            ref_tok[i, r.prompt_len:L] = torch.tensor(r.ref_token_logp, dtype=torch.float64)
+    out = {
+        "input_ids": ids, "attention_mask": att, "score_mask": score,
+        "advantage": torch.tensor([r.advantage for r in rows], dtype=torch.float64),
+        "weight": torch.tensor([r.weight for r in rows], dtype=torch.float64),
+        "ref_logp": torch.tensor([r.ref_logp for r in rows], dtype=torch.float64),
+        "kind": [r.kind for r in rows],
+        "old_logp": old if has_old else None,
+        "ref_token_logp": ref_tok if has_ref_tok else None,
+    }
+    if device is not None:
+        out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    return out
+
+
+def local_counts(rows: list[Row]) -> dict[str, float]:
+    """Counts that the global normalisers sum over micro-batches and processes."""
+    c = {"rl_rows": 0.0, "rl_tokens": 0.0, "sft_rows": 0.0, "sft_tokens": 0.0, "pairs": 0.0, "all_tokens": 0.0}
+    for r in rows:
+        c["all_tokens"] += r.n_scored
+        if r.kind in ("rl", "demo"):
+            c["rl_rows"] += 1
+            c["rl_tokens"] += r.n_scored
+        elif r.kind == "sft":
+            c["sft_rows"] += 1
+            c["sft_tokens"] += r.n_scored
+        elif r.kind == "chosen":
+            c["pairs"] += 1
+    return c
+
+
+def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict, terms: Terms, norms: dict[str, float]):
+    """The micro-batch's share of the global loss, and its (un-normalised) statistics.
+
+    logp, entropy [n, T] from `Policy`; mb from `collate`; norms: global counts (`local_counts` summed),
+    optionally with `rl_seqs` / `sft_seqs` overriding the number of sequences of a term (HPT paper: Q*n and Q).
+    """
+    M = mb["score_mask"]
+    kinds = mb["kind"]
+    dev = logp.device
+    loss = logp.new_zeros(())
+    stats: dict[str, float] = {}
+
+    def idx(*names):
+        return torch.tensor([i for i, k in enumerate(kinds) if k in names], dtype=torch.long, device=dev)
+
+    rl_i = idx("rl", "demo")
+    if terms.rl is not None and len(rl_i):
+        lp, m = logp[rl_i], M[rl_i]
+        demo = torch.tensor([kinds[i] == "demo" for i in rl_i.tolist()], device=dev)
+        A = (mb["advantage"][rl_i] * mb["weight"][rl_i]).to(lp.dtype)
+        old = mb["old_logp"][rl_i].to(lp.dtype) if mb["old_logp"] is not None else None
+        kw = dict(old_logp=old, advantages=A, mask=m, num_items=max(norms["rl_tokens"], 1.0),
+                  num_seqs=max(norms.get("rl_seqs", norms["rl_rows"]), 1.0))
+        if bool(demo.any()):
+            kw["is_demo"] = demo
+        term = terms.rl.loss(lp, **kw)
+        loss = loss + term
+        d = terms.rl.diagnostics(lp.detach(), **{**kw, "old_logp": old})
+        n_tok = float(m.sum())
+        stats["rl_loss"] = float(term.detach())
+        stats["clip_sum"] = d["clip_fraction"] * n_tok
+        stats["ratio_sum"] = d["ratio_mean"] * n_tok
+        if terms.kl_coef and mb["ref_token_logp"] is not None:
+            delta = (mb["ref_token_logp"][rl_i].to(lp.dtype) - lp).clamp(-20, 20)
+            k3 = torch.where(m, torch.exp(delta) - delta - 1, torch.zeros_like(lp))
+            kl = k3.sum() / max(norms["rl_tokens"], 1.0)
+            loss = loss + terms.kl_coef * kl
+            stats["kl_sum"] = float(k3.sum())
+    sft_i = idx("sft")
+    if terms.sft is not None and len(sft_i):
+        lp, m = logp[sft_i], M[sft_i]
+        term = terms.sft.loss(lp, advantages=mb["weight"][sft_i].to(lp.dtype), mask=m,
+                              num_items=max(norms["sft_tokens"], 1.0),
+                              num_seqs=max(norms.get("sft_seqs", norms["sft_rows"]), 1.0))
+        loss = loss + term
+        stats["sft_loss"] = float(term.detach())
+        stats["sft_nll_sum"] = float(-(lp.detach() * m).sum())
+    pair_c, pair_r = idx("chosen"), idx("rejected")
+    if terms.dpo_beta is not None and len(pair_c):
+        seq = (logp * M).sum(-1)
+        ref = mb["ref_logp"].to(seq.dtype)
+        margin = (seq[pair_c] - ref[pair_c]) - (seq[pair_r] - ref[pair_r])
+        w = mb["weight"][pair_c].to(seq.dtype)
+        per_pair = -F.logsigmoid(terms.dpo_beta * margin)
+        term = (w * per_pair).sum() / max(norms["pairs"], 1.0)
+        loss = loss + term
+        stats["dpo_loss"] = float(term.detach())
+        stats["dpo_loss_sum"] = float(per_pair.sum())
+        stats["dpo_acc_sum"] = float((margin > 0).sum())
+        stats["dpo_margin_sum"] = float(margin.sum())
+        stats["kl_sum"] = stats.get("kl_sum", 0.0) + float((seq - ref).detach()[torch.cat([pair_c, pair_r])].sum())
+    ent_sum = (entropy * M).sum()
+    if terms.entropy_coef:
+        loss = loss - terms.entropy_coef * ent_sum / max(norms["all_tokens"], 1.0)
+    stats["entropy_sum"] = float(ent_sum.detach())
+    return loss, stats
