@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 SPECIAL = {"unk": "<unk>", "pad": "<pad>", "bos": "<|im_start|>", "end": "<|im_end|>", "eos": "<|endoftext|>"}
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -30,11 +32,17 @@ def _corpus() -> list[str]:
 
 def make_tokenizer(vocab_size: int = 320):
     """A byte-level BPE tokenizer wrapped as a `transformers` fast tokenizer, with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk"]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # The same normaliser and pre-tokeniser as transformers' Qwen2Tokenizer, which is what
+    # `AutoTokenizer.from_pretrained` builds for a folder whose config says qwen2: the tokenizer in memory
+    # and the one reloaded from disk then split text identically (digits one by one).
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
