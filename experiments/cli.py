@@ -7,6 +7,7 @@ Each sub-command is a function taking parsed arguments; `COMMANDS` maps its name
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -54,10 +55,39 @@ def _train_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model folder or hub name")
+    p.add_argument("data", type=Path, help="benchmark JSONL: prompt (or messages), answer, optional id")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--k", type=int, nargs="+", help="pass@k values (default powers of two up to n)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--reward", default="math", help="math | exact | module:function (default math)")
+    p.add_argument("--chat-template", action="store_true", help="wrap text prompts as a user message")
+    p.add_argument("--limit", type=int, help="evaluate only the first LIMIT prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("eval_results.json"), help="results JSON")
+    p.add_argument("--samples", type=Path, help="also write every completion to this JSONL")
+
+
+def _eval_run(a: argparse.Namespace) -> int:
+    from scale.evaluate import evaluate
+
+    r = evaluate(a.model, a.data, n=a.n, ks=a.k, temperature=a.temperature, top_p=a.top_p,
+                 max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, reward=a.reward,
+                 chat_template=a.chat_template, limit=a.limit, seed=a.seed, out=a.out, samples=a.samples)
+    print(json.dumps({"num_prompts": r["num_prompts"], "n": r["n"], **r["metrics"]}))
+    print(f"[ptlab eval] results written to {a.out}")
+    return 0
+
+
 COMMANDS = {
     "figures": (_figures_args, _figures_run, "regenerate the figures and tables under paper_figs/"),
     "table1": (_table1_args, _table1_run, "render the HPT paper's Table 1 from the estimator presets"),
     "train": (_train_args, _train_run, "train a model: sft, dpo, rl, hpt, luffy, srft, sft_dpo (scale/train.py)"),
+    "eval": (_eval_args, _eval_run, "pass@k and avg@n of a model on a JSONL benchmark (scale/evaluate.py)"),
 }
 
 

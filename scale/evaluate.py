@@ -1,0 +1,164 @@
+"""`ptlab eval`: pass@k (unbiased estimator) and avg@n of a model on JSONL benchmark files.
+
+Benchmark format: a JSONL file (or parquet / a folder, anything `scale.data.load_data` reads), one
+object per line with
+
+    prompt    the question as text (used as is) or a list of {"role", "content"} messages
+    messages  instead of prompt: a conversation; rendered with the tokenizer's chat template and the
+              generation prompt (a trailing assistant message, if any, is dropped)
+    answer    the ground truth, compared with the last \\boxed{...} of each completion
+    id        optional; defaults to the line number
+
+for example `{"id": "q1", "prompt": "What is 3 + 4?\\n", "answer": "7"}`. With `chat_template=True`
+(`--chat-template`) text prompts are wrapped as one user message and rendered with the chat template.
+
+For each prompt n completions are sampled (temperature, top_p, max_new_tokens; temperature 0 is
+greedy) and graded by the reward (`scale.rewards.load_reward`: "math", "exact" or "module:function");
+a completion is correct when its reward is at least `threshold` (0.5). With c correct of n,
+
+    pass@k = 1 - C(n - c, k) / C(n, k)     (the unbiased estimator of Chen et al. 2021, for k <= n)
+    avg@n  = c / n
+
+each averaged over prompts. The results JSON holds the settings, `metrics` ({"pass@k": ..., "avg@n": ...}),
+and `per_prompt` ([{"id", "n", "correct"}]); `samples` (a JSONL path) also writes every completion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from c correct of n samples: 1 - C(n-c, k)/C(n, k), computed as the product
+    prod_{i=n-c+1}^{n} (1 - k/i), which never forms the (huge) binomials."""
+    for name, v in (("n", n), ("c", c), ("k", k)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"{name}: expected an int, got {v!r}")
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"n, c: expected n >= 1 and 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k: expected 1 <= k <= n={n}, got {k}")
+    if n - c < k:  # every k-subset contains a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def load_benchmark(path: str | Path, tokenizer, chat_template: bool = False, limit: int | None = None) -> list[dict]:
+    """Rows {"id", "prompt" (text), "answer"} from a benchmark file (format in the module docstring)."""
+    from scale.data import load_data, render_prompt, require_columns
+
+    ds = load_data(path)
+    require_columns(ds, "eval", source=str(path))
+    rows = []
+    for i, ex in enumerate(ds):
+        if limit is not None and i >= limit:
+            break
+        prompt = ex.get("prompt")
+        if prompt is None:  # a `messages` conversation: the prompt is everything before an assistant reply
+            msgs = ex["messages"]
+            prompt = msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs
+        elif chat_template and isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        rows.append({"id": i if ex.get("id") is None else ex["id"], "prompt": render_prompt(prompt, tokenizer),
+                     "answer": str(ex["answer"])})
+    return rows
+
+
+def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+             max_new_tokens: int = 256, batch_size: int = 8) -> list[list[str]]:
+    """n sampled completions per prompt (decoded new tokens, special tokens dropped), batch_size prompts
+    per `model.generate` call with left padding. temperature 0 means greedy decoding."""
+    import torch
+
+    if n < 1 or batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"n, batch_size, max_new_tokens: expected >= 1, got {n}, {batch_size}, {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature, top_p: expected temperature >= 0 and 0 < top_p <= 1, "
+                         f"got {temperature}, {top_p}")
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    out: list[list[str]] = []
+    try:
+        for s in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[s: s + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+            reps = n if temperature > 0 else 1  # greedy: one decode per prompt, repeated n times
+            with torch.no_grad():
+                ids = model.generate(**enc, num_return_sequences=reps, max_new_tokens=max_new_tokens,
+                                     pad_token_id=pad, **sampling)
+            texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out += [texts[j * reps: (j + 1) * reps] * (n // reps) for j in range(len(texts) // reps)]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def _load_model(model, tokenizer):
+    """(model, tokenizer) from a path / hub name, or a loaded model with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(model, (str, Path)):
+        if tokenizer is None:
+            raise ValueError("tokenizer: required when model is an already loaded model")
+        return model, tokenizer
+    path = str(model)
+    if (path.startswith((".", "/", "~")) or Path(path).suffix) and not Path(path).expanduser().exists():
+        raise ValueError(f"model: path {path!r} does not exist")
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        tok = tokenizer or AutoTokenizer.from_pretrained(path)
+        mdl = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise ValueError(f"model: cannot load {path!r} ({e})") from e
+    return mdl.to("cuda" if cuda else "cpu").eval(), tok
+
+
+def evaluate(model, data: str | Path, *, tokenizer=None, n: int = 1, ks: list[int] | None = None,
+             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 8,
+             reward: str = "math", threshold: float = 0.5, chat_template: bool = False, limit: int | None = None,
+             seed: int = 0, out: str | Path | None = None, samples: str | Path | None = None) -> dict:
+    """Sample, grade and score a benchmark; returns the results dict (written to `out` if given).
+
+    `model` is a folder / hub name or a loaded model (then pass `tokenizer`); `ks` defaults to the
+    powers of two up to n.
+    """
+    import torch
+
+    from scale.rewards import load_reward
+
+    ks = sorted(set(ks or [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]))
+    if any(not 1 <= k <= n for k in ks):
+        raise ValueError(f"ks: expected values in 1..n={n}, got {ks}")
+    reward_fn = load_reward(reward)
+    model, tokenizer = _load_model(model, tokenizer)
+    rows = load_benchmark(data, tokenizer, chat_template=chat_template, limit=limit)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    completions = generate(model, tokenizer, [r["prompt"] for r in rows], n=n, temperature=temperature,
+                           top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    per_prompt, sample_rows = [], []
+    for r, comps in zip(rows, completions):
+        rewards = reward_fn(comps, [r["answer"]] * n)
+        per_prompt.append({"id": r["id"], "n": n, "correct": sum(x >= threshold for x in rewards)})
+        sample_rows.append({**r, "completions": comps, "rewards": rewards})
+    metrics = {f"pass@{k}": sum(pass_at_k(n, p["correct"], k) for p in per_prompt) / len(per_prompt) for k in ks}
+    metrics[f"avg@{n}"] = sum(p["correct"] / n for p in per_prompt) / len(per_prompt)
+    results = {"model": str(getattr(model, "name_or_path", "")), "data": str(data), "num_prompts": len(rows),
+               "n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+               "reward": reward if isinstance(reward, str) else getattr(reward, "__name__", "custom"),
+               "threshold": threshold, "seed": seed, "seconds": time.perf_counter() - t0,
+               "metrics": metrics, "per_prompt": per_prompt}
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=1))
+    if samples is not None:
+        Path(samples).parent.mkdir(parents=True, exist_ok=True)
+        Path(samples).write_text("".join(json.dumps(s) + "\n" for s in sample_rows))
+    return results
