@@ -173,14 +173,15 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict, terms: Terms
         seq = (logp * M).sum(-1)
         ref = mb["ref_logp"].to(seq.dtype)
         margin = (seq[pair_c] - ref[pair_c]) - (seq[pair_r] - ref[pair_r])
+        md = margin.detach()
         w = mb["weight"][pair_c].to(seq.dtype)
         per_pair = -F.logsigmoid(terms.dpo_beta * margin)
         term = (w * per_pair).sum() / max(norms["pairs"], 1.0)
         loss = loss + term
         stats["dpo_loss"] = float(term.detach())
-        stats["dpo_loss_sum"] = float(per_pair.sum())
-        stats["dpo_acc_sum"] = float((margin > 0).sum())
-        stats["dpo_margin_sum"] = float(margin.sum())
+        stats["dpo_loss_sum"] = float(per_pair.detach().sum())
+        stats["dpo_acc_sum"] = float((md > 0).sum())
+        stats["dpo_margin_sum"] = float(md.sum())
         stats["kl_sum"] = stats.get("kl_sum", 0.0) + float((seq - ref).detach()[torch.cat([pair_c, pair_r])].sum())
     ent_sum = (entropy * M).sum()
     if terms.entropy_coef:
