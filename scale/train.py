@@ -491,7 +491,7 @@ class Trainer:
                                       temperature=self.cfg.generation.temperature)
                 loss, st = micro_loss(lp, ent, mb, self.terms, norms)
                 self.acc.backward(loss * scale)
-            total += float(loss)
+            total += float(loss.detach())
             for k, v in st.items():
                 stats[k] += v
         params = [p for p in self.policy.parameters() if p.requires_grad]
