@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def _load_model(model, tokenizer):
             raise ValueError("tokenizer: required when model is an already loaded model")
         return model, tokenizer
     path = str(model)
-    if (path.startswith((".", "/", "~")) or Path(path).suffix) and not Path(path).expanduser().exists():
+    is_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not path.startswith(".")
+    if not Path(path).expanduser().exists() and not is_hub_id:
         raise ValueError(f"model: path {path!r} does not exist")
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32

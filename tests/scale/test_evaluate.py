@@ -113,5 +113,7 @@ def test_cli_eval_end_to_end(tmp_path, tiny, capsys):
     # bad input: one clear error line, exit code 2, before any generation
     assert main(["eval", str(tmp_path / "nope"), str(f), "--out", str(out)]) == 2
     assert "model: path" in capsys.readouterr().err
+    assert main(["eval", "no-such-org/no-model", str(f), "--out", str(out)]) == 2   # hub id, offline
+    assert "model: cannot load 'no-such-org/no-model'" in capsys.readouterr().err
     assert main(["eval", str(tiny), str(f), "--n", "2", "--k", "3", "--out", str(out)]) == 2
     assert "ks" in capsys.readouterr().err
