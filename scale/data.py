@@ -41,6 +41,8 @@ def load_data(path_or_dir: str | Path, split: str | None = None):
     path = Path(path_or_dir)
     if not path.exists():
         raise ValueError(f"data: path {str(path)!r} does not exist")
+    if path.is_file() and _blank(path):
+        raise ValueError(f"data: {str(path)!r} is empty")
     try:
         if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
             ds = datasets.load_from_disk(str(path))
@@ -64,6 +66,16 @@ def load_data(path_or_dir: str | Path, split: str | None = None):
         raise ValueError(f"data: {str(path)!r} is empty")
     ds.info.description = str(path)  # remembered so later errors can name the file
     return ds
+
+
+def _blank(path: Path) -> bool:
+    """True for an empty or whitespace-only text file (read until the first non-blank chunk)."""
+    if path.stat().st_size == 0:
+        return True
+    if path.suffix not in (".jsonl", ".json", ".csv"):
+        return False
+    with path.open() as f:
+        return not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), ""))
 
 
 def _pick_split(names: list[str], split: str | None, path: Path) -> str:

@@ -55,9 +55,13 @@ def test_load_jsonl_parquet_and_folders(tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_data(tmp_path / "missing.jsonl")
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ValueError, match="empty"):
-        load_data(tmp_path / "empty.jsonl")
+    for i, text in enumerate(["", "\n\n"]):
+        (tmp_path / f"e{i}.jsonl").write_text(text)
+        with pytest.raises(ValueError, match=f"e{i}.jsonl' is empty"):
+            load_data(tmp_path / f"e{i}.jsonl")
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="cannot read .*broken.jsonl"):
+        load_data(tmp_path / "broken.jsonl")
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(ValueError, match="x.txt"):
         load_data(tmp_path / "x.txt")
