@@ -141,12 +141,19 @@ class Moments:
 
     @property
     def scale_free_mse(self) -> float:
-        """min_s E||s g_hat - target||^2 / ||target||^2 = 1 - <E g, t>^2 / (||t||^2 E||g||^2)."""
-        second = self.variance + float((self.mean ** 2).sum())
+        """min_{s >= 0} E||s g_hat - target||^2 / ||target||^2 = 1 - max(<E g, t>, 0)^2 / (||t||^2 E||g||^2)."""
+        return self.batch_scale_free_mse(1)
+
+    def batch_scale_free_mse(self, batch: int) -> float:
+        """`scale_free_mse` of the mean of `batch` independent g_hat (prompts): variance / batch."""
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch: expected a positive int, got {batch!r}")
+        second = self.variance / batch + float((self.mean ** 2).sum())
         tt = float((self.target ** 2).sum())
         if tt == 0 or second == 0:
             return float("nan")
-        return 1.0 - float((self.mean * self.target).sum()) ** 2 / (tt * second)
+        # s >= 0: a mean pointing away from the target is not rescued by flipping the step's sign
+        return 1.0 - max(float((self.mean * self.target).sum()), 0.0) ** 2 / (tt * second)
 
 
 def default_objective(sampling: str, group_size: int, gate: GateRule | None = None) -> Objective:
