@@ -69,3 +69,131 @@ def test_cli_subprocess_sft(world, tmp_path):
                        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert len(read_metrics(out)) == 1
+
+
+# ---------------------------------------------------------------------------- losses equal theory.estimator
+def _trainer(world, tmp_path, method="hpt", data="rl", **extra):
+    from scale.config import load_config
+    from scale.train import Trainer
+
+    ov = base_overrides(world, method, data, tmp_path / "o", **{"model.dtype": "float64", "run.cpu": True,
+                                                                "run.logprob_chunk": 5, **extra})
+    return Trainer(load_config(None, ov))
+
+
+@pytest.mark.parametrize("name", ["grpo", "dapo", "dr_grpo", "gspo", "hpt_code", "sft"])
+def test_trainer_loss_equals_estimator(world, tmp_path, name):
+    """Trainer path (chunked log-probs at temperature T, global normalisers, Row batches) == the estimator
+    applied to full-logit log-probs of the same tokens; values and parameter gradients."""
+    from scale.logprobs import reference_logprobs
+    from scale.methods import Row, Terms, collate, local_counts, micro_loss, rl_estimator, sft_estimator
+    from theory.estimator import preset
+
+    T = 0.7
+    tr = _trainer(world, tmp_path, **{"generation.temperature": T})
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for ex in tr.data[:6]:
+        t = ex["completion"]
+        cut = int(torch.randint(t["prompt_len"] + 2, len(t["input_ids"]) + 1, (1,), generator=g))
+        rows.append(Row(list(t["input_ids"][:cut]), t["prompt_len"], "sft" if name == "sft" else "rl",
+                        advantage=float(torch.randn(1, generator=g))))
+    est = sft_estimator() if name == "sft" else rl_estimator(name)
+    terms = Terms(sft=est) if name == "sft" else Terms(rl=est)
+    mb = collate(rows, tr.tok.pad_token_id)
+    model = tr._model()
+    lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], temperature=T)
+    got, _ = micro_loss(lp, ent, mb, terms, local_counts(rows))
+    g1 = torch.autograd.grad(got, [p for p in model.parameters()])
+
+    ref_lp = reference_logprobs(model, mb["input_ids"], mb["attention_mask"], mb["score_mask"], temperature=T)
+    ref_est = preset(name) if name != "sft" else preset("sft")
+    A = mb["advantage"] if name != "sft" else None
+    want = ref_est.loss(ref_lp, advantages=A, mask=mb["score_mask"])
+    g2 = torch.autograd.grad(want, [p for p in model.parameters()])
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), (float(got), float(want))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+    assert torch.allclose(lp, ref_lp, atol=1e-12)
+
+
+def test_dpo_loss_matches_formula(world, tmp_path):
+    """DPO term == mean over pairs of -log sigmoid(beta * ((c - c_ref) - (r - r_ref))), sums of token log-probs."""
+    from scale.logprobs import reference_logprobs
+    from scale.methods import Terms, collate, local_counts, micro_loss
+
+    tr = _trainer(world, tmp_path, method="dpo", data="dpo")
+    rows = tr.dpo_rows(list(range(4)))
+    mb = collate(rows, tr.tok.pad_token_id)
+    lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"])
+    got, _ = micro_loss(lp, ent, mb, Terms(dpo_beta=0.1), local_counts(rows))
+    seq = reference_logprobs(tr._model(), mb["input_ids"], mb["attention_mask"], mb["score_mask"]).sum(-1)
+    ref = torch.tensor([r.ref_logp for r in rows], dtype=torch.float64)
+    d = (seq - ref)
+    want = -torch.nn.functional.logsigmoid(0.1 * (d[0::2] - d[1::2])).mean()
+    assert torch.allclose(got, want, atol=1e-12)
+    assert torch.allclose(ref, seq.detach(), atol=1e-10)  # reference = frozen copy of the initial model
+
+
+# ---------------------------------------------------------------------------- schedules equal theory.schedules
+def test_joint_weights_equal_schedule(world, tmp_path):
+    from scale.train import Trainer
+    from theory.schedules import Alright, Maxright, Sequential
+
+    for sched, extra in [("alright", {"method.joint.lam": 0.3, "method.joint.seed": 7}),
+                         ("sequential", {"method.joint.split": 0.5}),
+                         ("maxright", {"method.joint.k": 2, "method.joint.f_star_sft": 1.0})]:
+        tr = _trainer(world, tmp_path, method="sft_dpo", data="joint",
+                      **{"method.joint.schedule": sched, "run.max_steps": 6, **extra})
+        seen = []
+        real = Trainer.objective_values
+
+        def spy(self, a, b, seen=seen, real=real):
+            v = real(self, a, b)
+            seen.append(v)
+            return v
+
+        tr.objective_values = spy.__get__(tr)
+        logs = [tr.train_step(s) for s in range(6)]
+        got = [(m["w_sft"], m["w_dpo"]) for m in logs]
+        if sched == "alright":
+            want = [tuple(Alright(0.3, seed=7).weights(s)[k] for k in ("sft", "dpo")) for s in range(6)]
+        elif sched == "sequential":
+            want = [tuple(Sequential(order=("sft", "dpo"), split=0.5, total_steps=6).weights(s)[k]
+                          for k in ("sft", "dpo")) for s in range(6)]
+        else:  # replay MAXRIGHT on the statistics the trainer measured, observing the losses it trained on
+            mr, want, it = Maxright(0.5, {"sft": 1.0, "dpo": 0.0}, k=2), [], iter(seen)
+            for s, m in enumerate(logs):
+                w = mr.weights(s, next(it) if mr.needs_values(s) else None)
+                want.append((w["sft"], w["dpo"]))
+                chosen = "sft" if w["sft"] else "dpo"
+                mr.observe(chosen, m[f"{chosen}_loss"])
+            assert len(seen) == 3
+        assert got == want, (sched, got, want)
+
+
+def test_hpt_gate_equals_schedule(world, tmp_path):
+    """Which prompts the trainer sends to SFT / RL (and with what weight) is HptGate's decision."""
+    import numpy as np
+
+    from scale.methods import Row
+    from theory.schedules import HptGate
+
+    n = 4
+    for variant, extra in [("paper", {"method.hpt.gamma": 0.25}), ("code", {"method.hpt.switch_gate": 1}),
+                           ("paper", {"method.hpt.gamma": 0.5, "method.hpt.gate_mode": "smooth"})]:
+        tr = _trainer(world, tmp_path, method="hpt", **{"method.hpt.variant": variant, "generation.n": n, **extra})
+        exs = tr.data[:5]
+        correct = [0, 1, 2, 3, 4]
+        rows = [Row([1, 2, 3], 1, "rl", meta={"group": q, "reward": float(k < c)})
+                for q, c in enumerate(correct) for k in range(n)]
+        out = tr.hpt_gate(rows, exs, {})
+        gate = HptGate.from_code(1, n) if variant == "code" else HptGate(
+            extra["method.hpt.gamma"], mode=extra.get("method.hpt.gate_mode", "switch"))
+        alpha, beta = gate.count_weights(np.array(correct)) if variant == "code" else \
+            gate.prompt_weights(np.array(correct) / n)
+        for q in range(5):
+            rl_w = [r.weight for r in out if r.kind == "rl" and r.meta["group"] == q]
+            sft_w = [r.weight for r in out if r.kind == "sft" and r.meta["group"] == q]
+            assert rl_w == ([alpha[q]] * n if alpha[q] > 0 else [])
+            assert sft_w == ([beta[q]] if beta[q] > 0 else [])
