@@ -193,3 +193,85 @@ class LogLinearPolicy:
     def objective_gradient(self, objective: Objective, problem: FiniteProblem, params, ref_params=None):
         ref = None if ref_params is None else self.logits(ref_params)
         return self.pull_back(objective.gradient(problem, self.logits(params), ref))
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceProblem:
+    """One prompt, an autoregressive tabular policy over `vocab_size` tokens, responses of at most
+    `max_length` tokens that end at the token `eos` (or are truncated at max_length), and a reward
+    `reward_fn(sequence tuple) -> float` per response.
+
+    The policy's logits are a table [P, V] with one row per non-terminal prefix (`prefixes`, in order of
+    length); pi(y) = prod_t softmax(logits[prefix_t])[y_t]. Every response is listed in `sequences`,
+    with arrays `tokens`, `prefix_ids` [S, T] (padded with 0), `mask` [S, T], `lengths` [S], `rewards` [S].
+    """
+
+    vocab_size: int
+    max_length: int
+    reward_fn: object
+    eos: int = 0
+
+    def __post_init__(self):
+        V, T = self.vocab_size, self.max_length
+        if not (isinstance(V, int) and V >= 2 and isinstance(T, int) and T >= 1):
+            raise ValueError(f"vocab_size, max_length: expected ints >= 2 and >= 1, got {V!r}, {T!r}")
+        if not (isinstance(self.eos, int) and 0 <= self.eos < V):
+            raise ValueError(f"eos: expected a token id in [0, {V}), got {self.eos!r}")
+        if not callable(self.reward_fn):
+            raise ValueError("reward_fn: expected a callable sequence -> reward")
+        prefixes, seqs = [()], []
+        frontier = [()]
+        for t in range(T):
+            nxt = []
+            for pre in frontier:
+                for tok in range(V):
+                    y = pre + (tok,)
+                    if tok == self.eos or t == T - 1:
+                        seqs.append(y)
+                    else:
+                        nxt.append(y)
+            prefixes += nxt
+            frontier = nxt
+        index = {p: i for i, p in enumerate(prefixes)}
+        S = len(seqs)
+        tokens, pids, mask = np.zeros((S, T), int), np.zeros((S, T), int), np.zeros((S, T), bool)
+        for s, y in enumerate(seqs):
+            for t, tok in enumerate(y):
+                tokens[s, t], pids[s, t], mask[s, t] = tok, index[y[:t]], True
+        rewards = np.array([float(self.reward_fn(y)) for y in seqs])
+        if not np.all(np.isfinite(rewards)):
+            raise ValueError("reward_fn: returned NaN or infinite rewards")
+        for name, v in (("prefixes", prefixes), ("sequences", seqs), ("tokens", tokens), ("prefix_ids", pids),
+                        ("mask", mask), ("lengths", mask.sum(1)), ("rewards", rewards)):
+            object.__setattr__(self, name, v)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.prefixes), self.vocab_size
+
+    def token_logp(self, logits) -> np.ndarray:
+        """[S, T] log pi(y_t | y_<t), 0 at padding."""
+        theta = _as_array("logits", logits, 2)
+        if theta.shape != self.shape:
+            raise ValueError(f"logits: expected shape {self.shape} (prefixes x vocab), got {theta.shape}")
+        lp = log_softmax(theta, axis=-1)[self.prefix_ids, self.tokens]
+        return np.where(self.mask, lp, 0.0)
+
+    def sequence_probs(self, logits) -> np.ndarray:
+        return np.exp(self.token_logp(logits).sum(1))
+
+    def scores(self, logits) -> np.ndarray:
+        """[S, P, V]: grad_theta log pi(y) = sum_t (e_{y_t} - pi(. | y_<t)) at row prefix_t."""
+        pi = np.exp(log_softmax(_as_array("logits", logits, 2), axis=-1))
+        S, T = self.tokens.shape
+        out = np.zeros((S,) + self.shape)
+        for t in range(T):
+            rows = np.nonzero(self.mask[:, t])[0]
+            out[rows, self.prefix_ids[rows, t]] -= pi[self.prefix_ids[rows, t]]
+            out[rows, self.prefix_ids[rows, t], self.tokens[rows, t]] += 1.0
+        return out
+
+    def gradient(self, logits, values=None) -> np.ndarray:
+        """Exact grad_theta E_pi[f(y)] = sum_y pi(y) f(y) grad log pi(y), f = rewards (default) or `values` [S]."""
+        f = self.rewards if values is None else np.asarray(values, dtype=np.float64)
+        return np.einsum("s,s,spv->pv", self.sequence_probs(logits), f, self.scores(logits))

@@ -518,3 +518,71 @@ def _group_gradients(s: _Setup, x: int, acts: np.ndarray, rews: np.ndarray, demo
     g = np.zeros((M, K))
     np.add.at(g, (np.repeat(np.arange(M), G), acts.reshape(-1)), w.reshape(-1))
     return g - w.sum(1, keepdims=True) * np.exp(s.log_pi[x])[None, :]
+
+
+# ---------------------------------------------------------------------------------- sequences
+def sequence_moments(estimator: UPGE, problem, logits, group_size: int, *, old_logits=None,
+                     max_outcomes: int = 20_000) -> Moments:
+    """Exact moments of g_hat for G responses of a `theory.finite.SequenceProblem` (on-policy rollouts
+    from pi_old, default pi_theta), by enumeration of every multiset of G responses. Each group is one
+    call of `estimator.coefficients` on its [G, T] log-probabilities with the padding mask, so the
+    token-level aggregations (token_mean's 1/sum of lengths, seq_mean_token_mean's 1/(G L_i),
+    seq_mean_token_sum_norm's 1/T) are those of the code. Target: grad E_pi[r]. Shapes: mean [P, V],
+    cov [P*V, P*V] (P prefixes, V tokens). Cost: C(S + G - 1, G) estimator calls, S responses.
+    """
+    from theory.finite import SequenceProblem
+
+    if not isinstance(estimator, UPGE):
+        raise ValueError(f"estimator: expected a theory.estimator.UPGE, got {type(estimator).__name__}")
+    if not isinstance(problem, SequenceProblem):
+        raise ValueError(f"problem: expected a theory.finite.SequenceProblem, got {type(problem).__name__}")
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+    if estimator.advantage == "given" or estimator.reference == "behaviour" or estimator.demo_reference:
+        raise ValueError(f"estimator: {estimator.name!r} needs given advantages, a behaviour policy or "
+                         "demonstrations, which sequence_moments does not provide")
+    G = int(group_size)
+    lp_tok = problem.token_logp(logits)
+    old_tok = lp_tok if old_logits is None else problem.token_logp(old_logits)
+    p_old = np.exp(old_tok.sum(1))
+    S = len(problem.sequences)
+    n = math.comb(S + G - 1, G)
+    if n > max_outcomes:
+        raise ValueError(f"group_size: enumeration needs {n} groups (> max_outcomes={max_outcomes})")
+    # per-token score vectors: grad_theta log pi(y_t | y_<t) of response s, flattened [P * V]
+    pi = np.exp(log_softmax(np.asarray(logits, dtype=np.float64), axis=-1))
+    Pn, V = problem.shape
+    tok_score = np.zeros(problem.tokens.shape + (Pn * V,))
+    for s in range(S):
+        for t in range(problem.lengths[s]):
+            row = problem.prefix_ids[s, t]
+            tok_score[s, t, row * V:(row + 1) * V] -= pi[row]
+            tok_score[s, t, row * V + problem.tokens[s, t]] += 1.0
+    mean = np.zeros(Pn * V)
+    second = np.zeros((Pn * V, Pn * V))
+    for combo in itertools.combinations_with_replacement(range(S), G):
+        idx = np.array(combo)
+        counts = np.bincount(idx, minlength=S)
+        prob = math.exp(gammaln(G + 1) - gammaln(counts + 1).sum()) * float(np.prod(p_old[idx]))
+        if prob == 0.0:
+            continue
+        A = estimator.advantages(torch.from_numpy(problem.rewards[idx].copy()), G)
+        lp = torch.from_numpy(lp_tok[idx].copy())
+        old = None if old_logits is None else torch.from_numpy(old_tok[idx].copy())
+        w = estimator.coefficients(lp, old, A, torch.from_numpy(problem.mask[idx].copy())).numpy()
+        g = np.einsum("gt,gtd->d", w, tok_score[idx])
+        mean += prob * g
+        second += prob * np.outer(g, g)
+    cov = second - np.outer(mean, mean)
+    target = problem.gradient(logits)
+    return Moments(mean.reshape(Pn, V), 0.5 * (cov + cov.T), target, Objective(reward=1.0), "on_policy", G,
+                   "enumeration")
+
+
+def length_drift(moments: Moments, problem, logits) -> float:
+    """Extra growth of the expected response length per unit step along the normalised mean, compared with
+    a unit step along the target: <E g/||E g|| - t/||t||, grad E_pi[L]>. Positive: the estimator lengthens
+    responses beyond what the reward gradient asks (Dr. GRPO's length bias, measured)."""
+    grad_len = problem.gradient(logits, values=problem.lengths.astype(float))
+    m, t = moments.mean, moments.target
+    return float(((m / np.linalg.norm(m) - t / np.linalg.norm(t)) * grad_len).sum())

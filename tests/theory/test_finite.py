@@ -93,3 +93,20 @@ def test_validation():
     with pytest.raises(ValueError, match="mu"):
         Objective(mu=-1.0)
     assert prob.binary and not FiniteProblem(R * 0.5, np.array([0.5, 0.5])).binary
+
+
+def test_sequence_problem_gradient_matches_autograd():
+    from theory.finite import SequenceProblem
+
+    prob = SequenceProblem(3, 3, lambda y: len(y) + 0.5 * y[0])
+    assert len(prob.sequences) == 15 and prob.shape == (7, 3)
+    theta = np.random.default_rng(0).normal(size=prob.shape)
+    np.testing.assert_allclose(prob.sequence_probs(theta).sum(), 1.0, atol=1e-14)
+    t = torch.tensor(theta, requires_grad=True)
+    lp = torch.where(torch.as_tensor(prob.mask), torch.log_softmax(t, -1)[prob.prefix_ids, prob.tokens], 0.0)
+    (lp.sum(1).exp() * torch.as_tensor(prob.rewards)).sum().backward()
+    np.testing.assert_allclose(prob.gradient(theta), t.grad.numpy(), atol=1e-12)
+    with pytest.raises(ValueError, match="eos"):
+        SequenceProblem(3, 3, len, eos=5)
+    with pytest.raises(ValueError, match="logits"):
+        prob.token_logp(np.zeros((3, 3)))

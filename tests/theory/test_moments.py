@@ -287,3 +287,51 @@ def test_clip_is_exercised_off_policy():
     # unclipped ratio-weighted Dr. GRPO is unbiased up to (G-1)/G even off-policy (importance sampling)
     d = exact_moments(preset("dr_grpo", mask="none"), prob, theta, 4, **kw)
     np.testing.assert_allclose(d.mean, 0.75 * d.target, atol=TOL)
+
+
+# ------------------------------------------------------------------ sequences (README 2.6)
+def _seq_problem():
+    from theory.finite import SequenceProblem
+
+    return SequenceProblem(3, 3, lambda y: float(y[0] == 1)), np.random.default_rng(0).normal(size=(7, 3))
+
+
+def _autograd_group(est, prob, theta, idx):
+    """-grad of est.loss on the group of responses idx, through torch log_softmax and the padding mask."""
+    import torch
+
+    t = torch.tensor(theta, requires_grad=True)
+    lp_all = torch.log_softmax(t, -1)
+    pids, toks, mask = (torch.as_tensor(a[list(idx)]) for a in (prob.prefix_ids, prob.tokens, prob.mask))
+    lp = torch.where(mask, lp_all[pids, toks], torch.zeros((), dtype=torch.float64))
+    A = est.advantages(torch.as_tensor(prob.rewards[list(idx)]), len(idx))
+    est.loss(lp, None, A, mask).backward()
+    return -t.grad.numpy()
+
+
+@pytest.mark.parametrize("agg", ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"])
+def test_sequence_moments_against_autograd_pairs(agg):
+    """G = 2: the exact mean == sum over ordered pairs of responses of P(pair) * autograd gradient."""
+    from theory.moments import sequence_moments
+
+    prob, theta = _seq_problem()
+    est = preset("grpo", aggregation=agg, max_length=3)
+    p = prob.sequence_probs(theta)
+    S = len(p)
+    ref = sum(p[i] * p[j] * _autograd_group(est, prob, theta, (i, j)) for i in range(S) for j in range(S))
+    np.testing.assert_allclose(sequence_moments(est, prob, theta, 2).mean, ref, atol=1e-12)
+
+
+def test_sequence_identities_and_length_bias():
+    from theory.moments import length_drift, sequence_moments
+
+    prob, theta = _seq_problem()
+    for name in ("reinforce", "rloo"):  # per-response sums: unbiased for grad E r
+        np.testing.assert_allclose(sequence_moments(preset(name), prob, theta, 3).bias, 0.0, atol=1e-12)
+    m = {agg: sequence_moments(preset("grpo", aggregation=agg, max_length=3), prob, theta, 3)
+         for agg in ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")}
+    assert abs(m["seq_mean_token_sum_norm"].cosine - 1) < 1e-12  # one prompt: a pure scale
+    assert m["seq_mean_token_mean"].cosine < m["token_mean"].cosine < 1 - 1e-6
+    assert length_drift(m["seq_mean_token_mean"], prob, theta) > length_drift(m["token_mean"], prob, theta) > 1e-6
+    with pytest.raises(ValueError, match="group_size"):
+        sequence_moments(preset("grpo"), prob, theta, 8, max_outcomes=100)
