@@ -52,6 +52,8 @@ class DataConfig:
     max_prompt_length: int = 512      # a longer prompt is an error (named), not silently truncated
     max_length: int = 1024            # prompt + completion; completions are truncated to fit
     limit: int = 0                    # use the first `limit` rows (0: all)
+    pref_limit: int = 0               # the same for pref_path
+    pref_columns: dict[str, str] = field(default_factory=dict)   # the same for pref_path
     shuffle: bool = True
 
 
@@ -108,6 +110,7 @@ class JointOptions:
     f_star_dpo: float = 0.0
     k: int = 1                        # maxright: refresh both values every k steps (the code: 10)
     seed: int = 0                     # alright
+    dpo_batch_size: int = 0           # pairs per step when it differs from run.batch_size (0: the same)
 
 
 @dataclass

@@ -158,7 +158,7 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict, terms: Terms
             k3 = torch.where(m, torch.exp(delta) - delta - 1, torch.zeros_like(lp))
             kl = k3.sum() / max(norms["rl_tokens"], 1.0)
             loss = loss + terms.kl_coef * kl
-            stats["kl_sum"] = float(k3.sum())
+            stats["kl_sum"] = float(k3.detach().sum())
     sft_i = idx("sft")
     if terms.sft is not None and len(sft_i):
         lp, m = logp[sft_i], M[sft_i]

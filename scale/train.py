@@ -69,19 +69,22 @@ def _dotted(ex: dict, key: str):
     return v
 
 
-def prepare_data(path: str, cfg: Config, tokenizer, need: str, context: int) -> list[dict]:
+def prepare_data(path: str, cfg: Config, tokenizer, need: str, context: int, limit: int | None = None,
+                 columns: dict | None = None) -> list[dict]:
     """Load, map columns, check columns / emptiness / lengths, tokenise. Returns one dict per example."""
     from scale.data import load_data, require_columns, to_prompt_completion, tokenize_pairs
 
     d = cfg.data
     ds = load_data(path, d.split if d.split else None)
-    if d.columns:
+    columns = d.columns if columns is None else columns
+    if columns:
         first = ds[0]
-        for src in d.columns.values():
+        for src in columns.values():
             _dotted(first, src)
-        ds = ds.map(lambda ex: {dst: _dotted(ex, src) for dst, src in d.columns.items()})
-    if d.limit:
-        ds = ds.select(range(min(d.limit, len(ds))))
+        ds = ds.map(lambda ex: {dst: _dotted(ex, src) for dst, src in columns.items()})
+    limit = d.limit if limit is None else limit
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
     require_columns(ds, need, source=str(path))
     ds = to_prompt_completion(ds, tokenizer)
     rows = ds.to_list()
@@ -149,7 +152,9 @@ class Trainer:
         need = _data_need(cfg)
         if m.name == "sft_dpo":
             self.data = prepare_data(cfg.data.path, cfg, self.tok, "sft", context)
-            self.pref = prepare_data(cfg.data.pref_path or cfg.data.path, cfg, self.tok, "dpo", context)
+            self.pref = prepare_data(cfg.data.pref_path or cfg.data.path, cfg, self.tok, "dpo", context,
+                                     limit=cfg.data.pref_limit or cfg.data.limit,
+                                     columns=cfg.data.pref_columns if cfg.data.pref_path else None)
         else:
             self.data = prepare_data(cfg.data.path, cfg, self.tok, need, context)
             self.pref = self.data
@@ -195,6 +200,7 @@ class Trainer:
             self.generator = _VllmGenerator(cfg) if cfg.generation.backend == "vllm" else None
         self.step = 0
         self.out = Path(r.output_dir)
+        self._perms: dict = {}
 
     # ------------------------------------------------------------------ pieces
     def estimators(self):
@@ -280,8 +286,10 @@ class Trainer:
         for k in range(start, start + per):
             epoch, pos = divmod(k, n_items)
             if self.cfg.data.shuffle:
-                perm = np.random.default_rng([self.cfg.run.seed, epoch]).permutation(n_items)
-                out.append(int(perm[pos]))
+                key = (n_items, epoch)
+                if key not in self._perms:
+                    self._perms[key] = np.random.default_rng([self.cfg.run.seed, epoch]).permutation(n_items)
+                out.append(int(self._perms[key][pos]))
             else:
                 out.append(pos)
         return out
@@ -346,7 +354,7 @@ class Trainer:
     def joint_rows(self, step, info):
         r = self.cfg.run
         i_sft = self.local_indices(step, len(self.data), r.batch_size)
-        i_dpo = self.local_indices(step, len(self.pref), r.batch_size)
+        i_dpo = self.local_indices(step, len(self.pref), self.cfg.method.joint.dpo_batch_size or r.batch_size)
         stats = None
         if getattr(self.schedule, "needs_values", None) and self.schedule.needs_values(step):
             stats = self.objective_values(i_sft, i_dpo)
