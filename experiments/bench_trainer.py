@@ -142,7 +142,8 @@ def main(argv=None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as root:
         world = _world(Path(root))
-        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false"}
         res = {}
         for method in ("grpo", "sft"):
             for which in ("ptlab", "trl"):
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
     for method in ("grpo", "sft"):
         for which in ("ptlab", "trl"):
             r = res[(which, method)]
-            print(f"{method:6s} {which:6s} {r['step_s']:9.4f} {r['peak_rss']:12.1f} {r['peak_rss'] - r['rss_before']:14.1f}")
+            grow = r["peak_rss"] - r["rss_before"]
+            print(f"{method:6s} {which:6s} {r['step_s']:9.4f} {r['peak_rss']:12.1f} {grow:14.1f}")
     for method in ("grpo", "sft"):
         p, t = res[("ptlab", method)], res[("trl", method)]
         speed = t["step_s"] / p["step_s"]
