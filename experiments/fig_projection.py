@@ -168,9 +168,10 @@ def build_curves(out: Path, steps: int = 2000, seeds: tuple = (0, 1, 2)) -> Figu
                f"{fin['Global Subset']:.3f}; Layer-Wise {fin['Layer-Wise Subset']:.3f}; Cone projection "
                f"{fin['Cone projection']:.3f} (mean of {len(seeds)} seeds, {steps} steps). Best final in the "
                f"k/granularity sweep: {min(sweep, key=lambda q: sweep[q][0])}.")
-    caption = ("Toy world (toy/datareg.py): held-out target MSE against steps, Adam lr 3e-3, one target "
-               "example per step from 16 scarce noisy target examples, a fresh general minibatch of 8 per "
-               "step (half from the target teacher, half from a function correlated 0.7 with it). (a) "
+    caption = ("Toy world (toy/datareg.py): held-out target MSE against steps, Adam lr 3e-3 decaying "
+               "linearly to 0, one target example per step from 16 scarce noisy target examples, a fresh "
+               "general minibatch of 8 per step (half from the target teacher, half from a function "
+               "correlated 0.7 with it). (a) "
                "Target-only (Whole), Full-Training (Point at the general mean), Global Subset and Layer-Wise "
                "Subset (lmo over SubsetAverages, one group or one per layer, k = 4) and the Cone projection. "
                "(b) final (solid) and minimum (dotted) target loss of the subset rules for k = 1, 2, 4, 6 at "

@@ -174,7 +174,10 @@ class _one_thread:
 
 def train(world: World, update_rule, steps: int = 1500, n: int = 8, m: int = 1, lr: float = 1e-3,
           eval_every: int = 25, seed: int = 0) -> dict:
-    """Train a fresh student with Adam on the updates of ``update_rule``; returns the target-loss curve."""
+    """Train a fresh student with Adam on the updates of ``update_rule``; returns the target-loss curve.
+
+    The learning rate decays linearly to 0 over ``steps`` (the released SFT code's linear schedule), so
+    the final loss is not dominated by step noise."""
     with _one_thread():
         return _train(world, update_rule, steps, n, m, lr, eval_every, seed)
 
@@ -182,6 +185,7 @@ def train(world: World, update_rule, steps: int = 1500, n: int = 8, m: int = 1, 
 def _train(world, update_rule, steps, n, m, lr, eval_every, seed):
     model = world.student(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / steps)
     rng = np.random.default_rng(seed)
     order = rng.permutation(world.n_target)
     pos = 0
@@ -203,6 +207,7 @@ def _train(world, update_rule, steps, n, m, lr, eval_every, seed):
             p.grad = u[off:off + p.numel()].view_as(p).clone()
             off += p.numel()
         opt.step()
+        sched.step()
         if step % eval_every == 0:
             steps_logged.append(step)
             losses.append(target_loss(model, world))

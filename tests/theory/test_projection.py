@@ -133,6 +133,18 @@ def test_projection_matches_cvxpy_many_rows(seed, deficient):
         assert np.linalg.norm(project(g, S) - cvx_project(g, S)) <= 1e-6 * (1 + np.linalg.norm(g))
 
 
+def test_hull_far_target_is_optimal():
+    """g far from a small hull (||g||^2 >> the Gram entries): no cancellation error; distance <= cvxpy's."""
+    rng = np.random.default_rng(13)
+    G, g = 0.5 * rng.standard_normal((18, 35)), 600.0 * rng.standard_normal(35)
+    S = Hull(G)
+    z = project(g, S)
+    assert np.all(S.coefficients(g) >= 0) and np.isclose(S.coefficients(g).sum(), 1.0)
+    assert np.linalg.norm(z - g) <= np.linalg.norm(cvx_project(g, S) - g) + 1e-9 * np.linalg.norm(g)
+    for zz in member_samples(S, rng, m=50):  # optimality condition at scale
+        assert (g - z) @ (zz - z) <= 1e-9 * np.linalg.norm(g) ** 2
+
+
 def test_projection_matches_cvxpy_wide():
     """n = 20 rows in d = 50, the regime of the scale trainer (few rows, many coordinates)."""
     rng = np.random.default_rng(3)
