@@ -1,0 +1,576 @@
+"""Data-regularised updates (Dr. Post-Training, ``shared/reference/drpt.md`` 1.3-1.5) inside one backward pass.
+
+Each step the general micro-batch's per-sample gradients g_i and a target gradient g_T define an update:
+per group Q of hooked layers (a layer, a decoder block, a custom list of layers, or all of them), the
+group's part of the update is the (token-weighted) average of the per-sample gradients of a subset S_Q
+chosen by the scores s_i^Q = <g_i^Q, g_T^Q> (top-k, negative filtering, random control), or, in the
+``projection`` rule, the Euclidean projection of g_T^Q onto any ``theory.projection`` set built from the
+g_i^Q. Parameters that are not hooked (norms, embeddings, a tied LM head) keep the ordinary full-batch
+gradient.
+
+How it runs without per-sample gradients. Every trainable ``nn.Linear`` (LoRA's ``lora_A`` / ``lora_B``
+included, each its own layer; the output embedding excluded, its input is not per row) is patched so that
+its forward is an autograd Function whose backward sees the layer input x [B, T, I] and the output
+gradient delta [B, T, O]. The per-sample weight gradient is g_i = delta_i^T x_i (a sum over tokens), so
+
+    exact   (PIP)     r_i = sum_t delta_{i,t}^T G_T x_{i,t}         (G_T [O, I], the target weight gradient)
+    sketched (LoGra)  r_i = sum_t (P_O^T delta_{i,t})^T (P_O^T G_T P_I) (P_I^T x_{i,t})
+
+with Gaussian P_I [I, r], P_O [O, r] (entries N(0, 1/r)); a side whose dimension is <= r uses the identity,
+so a rank at least every dimension makes the sketch exact. A bias adds sum_t delta_{i,t} . b_T. ``auto``
+picks, per layer, the cheaper of the two by the FLOPs per token of drpt.md 1.5: O*I (exact) against
+I*r_I + O*r_O + r_I*r_O (sketched). When the last layer of a group has arrived in the backward, the group's
+scores are summed, reduced over processes (every process then selects the same samples), a subset is
+chosen, and the selected weight gradient sum_{i in S} delta_i^T x_i is formed on the selected rows only and
+scaled by W / W_S (total over selected weights, e.g. token counts), so it equals a pass on S alone.
+Layer-wise groups therefore hold nothing beyond the one layer being processed; a global group
+("one pass", Alg. 4.2) keeps every layer's delta until the first layer arrives; ``two_pass`` (GREATS,
+Alg. 4.3) scores in one backward and runs a second forward/backward on the subset alone.
+
+Weights. Sample i has weight w_i (its share of the loss normaliser: scored tokens under a global token
+mean, 1 under a per-sequence mean) and its batch gradient is (w_i / W) gbar_i, gbar_i being the gradient of
+sample i alone. The selection works on s_i = r_i / w_i (proportional to <gbar_i, g_T>), so the default
+``topk`` rule is exactly ``theory.projection.lmo`` over ``SubsetAverages(Gbar, k, weights=w)`` (its
+Dinkelbach iteration when lengths differ); ``released`` is the released code's top-k of the raw r_i.
+
+Under DDP the caller runs the backward without DDP's own gradient sync (``no_sync``); this module sums
+scores and weights over processes inside the backward and sums the finished gradients once after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import re
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from theory import projection as tp
+
+RULES = ("full", "target_only", "global_subset", "blockwise_subset", "layerwise_subset", "projection")
+GROUPINGS = ("layer", "sublayer", "block", "global", "custom")
+SELECTIONS = ("topk", "released", "negative_filtering", "random")
+SCORINGS = ("exact", "sketched", "auto")
+SUBSET_MODES = ("one_pass", "two_pass")
+PROJECTION_SETS = ("hull", "cone", "span", "gem", "agem", "subset", "point")
+DEFAULT_GROUPS = {"global_subset": "global", "blockwise_subset": "block", "layerwise_subset": "layer",
+                  "projection": "layer"}
+
+
+@dataclass
+class DataRegConfig:
+    """The options of a data-regularised update (the ``datareg:`` config section mirrors these)."""
+
+    update_rule: str = "full"        # full | target_only | {global,blockwise,layerwise}_subset | projection
+    k: int = 0                       # samples kept per group; 0: floor(fraction * n)
+    fraction: float = 0.5
+    selection: str = "topk"          # topk (exact lmo) | released (top-k of raw scores) | negative_filtering | random
+    filter_frac: float = 1.0         # negative_filtering: drop this fraction of the negative-score samples
+    groups: str = ""                 # "" (from the rule) | layer | sublayer | block | global | custom
+    custom_groups: list = field(default_factory=list)   # lists of fnmatch patterns over hooked module names
+    subset_mode: str = "one_pass"    # one_pass | two_pass (GREATS: score, then a pass on the subset alone)
+    scoring: str = "exact"           # exact | sketched | auto
+    sketch_rank: int = 64
+    projection_set: str = "hull"     # projection rule: hull | cone | span | gem | agem | subset | point
+    seed: int = 0
+
+    def validate(self) -> DataRegConfig:
+        for key, allowed in (("update_rule", RULES), ("selection", SELECTIONS), ("scoring", SCORINGS),
+                             ("subset_mode", SUBSET_MODES), ("projection_set", PROJECTION_SETS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"datareg.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
+        if self.groups not in ("",) + GROUPINGS:
+            raise ValueError(f"datareg.groups: expected one of {GROUPINGS} (or empty), got {self.groups!r}")
+        if self.groups == "custom" and not self.custom_groups:
+            raise ValueError("datareg.custom_groups: groups=custom needs at least one list of module patterns")
+        if not isinstance(self.k, int) or self.k < 0:
+            raise ValueError(f"datareg.k: expected an integer >= 0 (0: use fraction), got {self.k!r}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"datareg.fraction: expected a number in (0, 1], got {self.fraction!r}")
+        if not 0.0 <= self.filter_frac <= 1.0:
+            raise ValueError(f"datareg.filter_frac: expected a number in [0, 1], got {self.filter_frac!r}")
+        if self.sketch_rank < 1:
+            raise ValueError(f"datareg.sketch_rank: expected >= 1, got {self.sketch_rank}")
+        if self.subset_mode == "two_pass" and self.update_rule != "global_subset":
+            raise ValueError("datareg.subset_mode: two_pass is the GREATS rule and needs update_rule=global_subset")
+        return self
+
+    @property
+    def grouping(self) -> str:
+        return self.groups or DEFAULT_GROUPS.get(self.update_rule, "layer")
+
+    def k_for(self, n: int) -> int:
+        k = self.k if self.k else max(1, int(math.floor(self.fraction * n)))
+        if k > n:
+            raise ValueError(f"datareg.k: {k} is larger than the general batch of {n} samples")
+        return k
+
+
+# ---------------------------------------------------------------------------------------------- layers
+def hookable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Trainable nn.Linear modules whose input has the row batch first (the output embedding is excluded)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and mod is not head and mod.weight.requires_grad:
+            out[name] = mod
+    return out
+
+
+def _block_key(name: str, level: str) -> str:
+    """'model.layers.3.mlp.up_proj' -> 'model.layers.3' (block) or 'model.layers.3.mlp' (sublayer)."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if re.fullmatch(r"\d+", p):
+            return ".".join(parts[:i + 1] if level == "block" else parts[:i + 2])
+    return name  # a layer outside any numbered block is its own group
+
+
+def make_groups(names: list[str], grouping: str, custom: list | None = None) -> list[list[str]]:
+    """Partition the hooked layer names. custom: each entry a pattern or list of fnmatch patterns; layers
+    matched by no entry stay groups of their own; a pattern matching no layer is an error."""
+    if not names:
+        raise ValueError("model: no trainable nn.Linear layer to hook")
+    if grouping == "layer":
+        return [[n] for n in names]
+    if grouping == "global":
+        return [list(names)]
+    if grouping in ("block", "sublayer"):
+        keyed: dict[str, list[str]] = {}
+        for n in names:
+            keyed.setdefault(_block_key(n, grouping), []).append(n)
+        return list(keyed.values())
+    if grouping != "custom":
+        raise ValueError(f"datareg.groups: expected one of {GROUPINGS}, got {grouping!r}")
+    taken: dict[str, int] = {}
+    groups = []
+    for q, entry in enumerate(custom or []):
+        pats = [entry] if isinstance(entry, str) else list(entry)
+        members = []
+        for pat in pats:
+            hit = [n for n in names if fnmatch.fnmatchcase(n, pat) or n == pat]
+            if not hit:
+                raise ValueError(f"datareg.custom_groups: group {q} pattern {pat!r} matches no hooked layer")
+            for n in hit:
+                if n in taken and taken[n] != q:
+                    raise ValueError(f"datareg.custom_groups: layer {n!r} is in groups {taken[n]} and {q}")
+                if n not in members:
+                    members.append(n)
+                taken[n] = q
+        groups.append(members)
+    return groups + [[n] for n in names if n not in taken]
+
+
+class _Linear(torch.autograd.Function):
+    """y = x W^T + b; the backward returns grad_x as usual and hands (x, delta) to the engine, which returns
+    the weight / bias gradients to use (None: the engine writes them itself, later)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, engine, idx):
+        ctx.save_for_backward(x, weight)
+        ctx.engine, ctx.idx, ctx.has_bias = engine, idx, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, delta):
+        x, weight = ctx.saved_tensors
+        gx = delta @ weight if ctx.needs_input_grad[0] else None
+        gw, gb = ctx.engine._arrive(ctx.idx, x, delta)
+        return gx, gw, (gb if ctx.has_bias else None), None, None
+
+
+# ---------------------------------------------------------------------------------------------- engine
+class DataReg:
+    """Patches the hooked linears of ``model``; ``step`` fills ``.grad`` with the rule's update.
+
+    Use the unwrapped model (patching is on the module instances, so a DDP wrapper sees it too). ``close``
+    restores the original forwards.
+    """
+
+    def __init__(self, model: nn.Module, cfg: DataRegConfig, modules: dict[str, nn.Linear] | None = None):
+        self.cfg = cfg.validate()
+        self.modules = modules if modules is not None else hookable_linears(model)
+        self.names = list(self.modules)
+        self.groups = make_groups(self.names, cfg.grouping, cfg.custom_groups)
+        index = {n: i for i, n in enumerate(self.names)}
+        self.group_of = {}
+        self.group_layers = []
+        for q, g in enumerate(self.groups):
+            self.group_layers.append([index[n] for n in g])
+            for n in g:
+                self.group_of[index[n]] = q
+        self.layers = [self.modules[n] for n in self.names]
+        self.hooked_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
+        self.all_params = [p for p in model.parameters() if p.requires_grad]
+        self.mode = "off"
+        self.step_count = 0
+        self._sketch: dict[int, tuple] = {}
+        self.info: dict = {}
+        for i, m in enumerate(self.layers):
+            m._datareg_forward = m.forward
+            m.forward = types.MethodType(_patched_forward(self, i), m)
+
+    def close(self):
+        for m in self.layers:
+            if hasattr(m, "_datareg_forward"):
+                m.forward = m._datareg_forward
+                del m._datareg_forward
+
+    # ------------------------------------------------------------------ distributed helpers
+    @staticmethod
+    def _world() -> int:
+        d = torch.distributed
+        return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self._world() > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def _layout(self, n_local: int, w_local: torch.Tensor):
+        """Global sample offsets and weights: (offset of this process, N, w_all [N] float64 cpu)."""
+        P = self._world()
+        if P == 1:
+            return 0, n_local, w_local.double().cpu()
+        rank = torch.distributed.get_rank()
+        dev = w_local.device
+        counts = self._sum(torch.zeros(P, dtype=torch.float64, device=dev).index_fill_(0, torch.tensor(
+            [rank], device=dev), float(n_local))).long().tolist()
+        off, N = sum(counts[:rank]), sum(counts)
+        w = torch.zeros(N, dtype=torch.float64, device=dev)
+        w[off:off + n_local] = w_local.double()
+        return off, N, self._sum(w).cpu()
+
+    # ------------------------------------------------------------------ the step
+    def step(self, general_loss: Callable, weights: torch.Tensor, target_loss: Callable | None = None,
+             sample_of_row: torch.Tensor | None = None, no_sync: Callable | None = None) -> dict:
+        """Fill ``.grad`` of every trainable parameter with the rule's update (summed over processes).
+
+        general_loss(rows): the loss of this process's general rows (all when rows is None, else the given
+        local row indices), normalised by the counts of the WHOLE global batch (its share of the global
+        loss). weights [n_local]: each local sample's weight w_i. target_loss(): the loss of the target
+        set (the same on every process); the string "batch" takes the batch's own gradient as the target.
+        sample_of_row [n_rows]: the local sample of each row (default: row i is sample i, e.g. DPO pairs
+        map two rows to one sample). no_sync(): a context that turns off DDP's gradient sync.
+        """
+        cfg = self.cfg
+        ctx = no_sync or contextlib.nullcontext
+        weights = torch.as_tensor(weights)
+        if weights.ndim != 1 or (weights <= 0).any():
+            raise ValueError("weights: expected a 1-D tensor of positive per-sample weights")
+        n_local = weights.shape[0]
+        rows = sample_of_row if sample_of_row is not None else torch.arange(n_local)
+        self._rows = rows.to(torch.long)
+        self._n_local = n_local
+        self.off, self.N, self.w_all = self._layout(n_local, weights)
+        self.W = float(self.w_all.sum())
+        self.info = {}
+        if cfg.update_rule == "full":
+            with ctx():
+                general_loss(None).backward()
+            self._reduce_grads()
+        elif cfg.update_rule == "target_only":
+            if target_loss is None or target_loss == "batch":
+                raise ValueError("target_loss: target_only needs a target set")
+            with ctx():
+                target_loss().backward()  # identical on every process: no reduction
+        else:
+            if cfg.selection != "negative_filtering":
+                self.k = cfg.k_for(self.N)
+            self._batch_target = target_loss == "batch"
+            with ctx():
+                if not self._batch_target:
+                    if target_loss is None:
+                        raise ValueError("target_loss: the subset and projection rules need a target set "
+                                         "(or target_loss='batch')")
+                    self._capture_target(target_loss())
+                self._start()
+                if cfg.subset_mode == "two_pass":
+                    self._two_pass(general_loss)
+                else:
+                    self.mode = "project" if cfg.update_rule == "projection" else "select"
+                    loss = general_loss(None)
+                    try:
+                        loss.backward()
+                    finally:
+                        self.mode = "off"
+                    self._check_complete()
+                    self._reduce_grads()
+        self.step_count += 1
+        return self.info
+
+    def _capture_target(self, loss: torch.Tensor):
+        params = [p for m in self.layers for p in (m.weight, m.bias) if p is not None]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        it = iter(grads)
+        self.target = []
+        for m in self.layers:
+            gw = next(it)
+            gb = next(it) if m.bias is not None else None
+            if gw is None:
+                raise ValueError("target_loss: a hooked layer got no target gradient (is it used in the forward?)")
+            self.target.append((gw.detach(), None if gb is None else gb.detach()))
+        self._compress_targets()
+
+    def _compress_targets(self):
+        """Per layer: the scoring method and the target in its space."""
+        self.scoring = []
+        self.tc = []
+        for i, (gw, _) in enumerate(self.target):
+            O, I = gw.shape
+            method = self._method(O, I)
+            self.scoring.append(method)
+            if method == "exact":
+                self.tc.append(gw)
+            else:
+                PI, PO = self._projections(i, I, O, gw)
+                t = gw if PO is None else PO.T @ gw
+                self.tc.append(t if PI is None else t @ PI)
+        self.info["sketched_layers"] = sum(m == "sketched" for m in self.scoring)
+
+    def _method(self, O: int, I: int) -> str:
+        r = self.cfg.sketch_rank
+        if self.cfg.scoring != "auto":
+            return self.cfg.scoring
+        rI, rO = min(r, I), min(r, O)
+        sketched = (I * rI if I > r else 0) + (O * rO if O > r else 0) + rI * rO
+        return "sketched" if sketched < O * I else "exact"
+
+    def _projections(self, i: int, I: int, O: int, like: torch.Tensor):
+        if i not in self._sketch:
+            r = self.cfg.sketch_rank
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i)
+            PI = None if I <= r else (torch.randn(I, r, generator=g, dtype=torch.float64) / math.sqrt(r))
+            PO = None if O <= r else (torch.randn(O, r, generator=g, dtype=torch.float64) / math.sqrt(r))
+            self._sketch[i] = (PI, PO)
+        key = (i, like.dtype, like.device)
+        if key not in self._sketch:  # cast once per dtype and device
+            self._sketch[key] = tuple(None if P is None else P.to(dtype=like.dtype, device=like.device)
+                                      for P in self._sketch[i])
+        return self._sketch[key]
+
+    def _start(self):
+        self.arrived = [0] * len(self.groups)
+        self.buffer: list[dict] = [{} for _ in self.groups]
+        self.scores = [torch.zeros(self._n_local, dtype=torch.float64) for _ in self.groups]
+        self.selected: list = [None] * len(self.groups)
+
+    # ------------------------------------------------------------------ inside the backward
+    def _arrive(self, i: int, x: torch.Tensor, delta: torch.Tensor):
+        if self.mode == "off":
+            xf, df = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
+            return df.T @ xf, df.sum(0)
+        B = x.shape[0]
+        if B != self._rows.shape[0] or x.dim() < 2:
+            raise ValueError(f"layer {self.names[i]!r}: input of shape {tuple(x.shape)} does not have the "
+                             f"{self._rows.shape[0]} rows of the batch first")
+        x3, d3 = x.reshape(B, -1, x.shape[-1]), delta.reshape(B, -1, delta.shape[-1])
+        q = self.group_of[i]
+        if self._batch_target:
+            self._batch_target_layer(i, x3, d3)
+        if self.mode == "project":
+            self.buffer[q][i] = self._per_sample(i, x3, d3)
+        else:
+            self.scores[q] += self._layer_scores(i, x3, d3)
+            if self.mode == "select":
+                self.buffer[q][i] = (x3, d3)
+        self.arrived[q] += 1
+        if self.arrived[q] == len(self.group_layers[q]):
+            self._finish_group(q)
+        return None, None
+
+    def _batch_target_layer(self, i, x3, d3):
+        """Target = the batch's own (global) gradient of this layer: computed here, summed over processes."""
+        if not hasattr(self, "target") or self._target_step != self.step_count:
+            self.target, self.scoring, self.tc, self._target_step = [None] * len(self.layers), [None] * len(
+                self.layers), [None] * len(self.layers), self.step_count
+        xf, df = x3.reshape(-1, x3.shape[-1]), d3.reshape(-1, d3.shape[-1])
+        gw = self._sum(df.T @ xf)
+        gb = self._sum(df.sum(0)) if self.layers[i].bias is not None else None
+        self.target[i] = (gw, gb)
+        O, I = gw.shape
+        self.scoring[i] = self._method(O, I)
+        if self.scoring[i] == "exact":
+            self.tc[i] = gw
+        else:
+            PI, PO = self._projections(i, I, O, gw)
+            t = gw if PO is None else PO.T @ gw
+            self.tc[i] = t if PI is None else t @ PI
+
+    def _layer_scores(self, i, x3, d3) -> torch.Tensor:
+        """Raw per-sample scores r_i = <delta_i^T x_i, G_T> (+ bias term), float64, one per local sample."""
+        dt = torch.promote_types(x3.dtype, torch.float32)
+        x3, d3 = x3.to(dt), d3.to(dt)
+        t = self.tc[i].to(dt)
+        gb = self.target[i][1]
+        bias = d3.sum(1) @ gb.to(dt) if gb is not None else 0.0  # exact in both modes: O flops per token
+        if self.scoring[i] == "sketched":
+            PI, PO = self._projections(i, x3.shape[-1], d3.shape[-1], x3)
+            x3 = x3 if PI is None else x3 @ PI
+            d3 = d3 if PO is None else d3 @ PO
+        # contract through the smaller side of the target matrix
+        if t.shape[0] <= t.shape[1]:
+            per_row = torch.einsum("bto,bto->b", d3, x3 @ t.T)
+        else:
+            per_row = torch.einsum("bti,bti->b", d3 @ t, x3)
+        per_row = per_row + bias
+        return torch.zeros(self._n_local, dtype=torch.float64).index_add_(0, self._rows, per_row.double().cpu())
+
+    def _per_sample(self, i, x3, d3) -> torch.Tensor:
+        """[n_local, d_layer] per-sample gradients (weight then bias), the projection rule only."""
+        g = torch.einsum("bto,bti->boi", d3, x3).reshape(x3.shape[0], -1)
+        if self.layers[i].bias is not None:
+            g = torch.cat([g, d3.sum(1)], 1)
+        g = g.double().cpu()
+        return torch.zeros(self._n_local, g.shape[1], dtype=torch.float64).index_add_(0, self._rows, g)
+
+    # ------------------------------------------------------------------ a group is complete
+    def _finish_group(self, q: int):
+        if self.mode == "project":
+            self._project_group(q)
+            return
+        r = torch.zeros(self.N, dtype=torch.float64)
+        r[self.off:self.off + self._n_local] = self.scores[q]
+        r = self._sum(r.to(self._device())).cpu() if self._world() > 1 else r
+        sel = self._choose(r.numpy(), q)
+        self.selected[q] = sel
+        self.info.setdefault("selected", []).append(sel.tolist())
+        if self.mode != "select":
+            return
+        keep = torch.zeros(self.N, dtype=torch.bool)
+        keep[torch.as_tensor(sel, dtype=torch.long)] = True
+        rows = keep[self.off:self.off + self._n_local][self._rows].nonzero().squeeze(1)
+        W_S = float(self.w_all[torch.as_tensor(sel, dtype=torch.long)].sum()) if len(sel) else 0.0
+        c = self.W / W_S if W_S > 0 else 0.0
+        for i in self.group_layers[q]:
+            x3, d3 = self.buffer[q].pop(i)
+            m = self.layers[i]
+            if len(rows) and c:
+                dev = x3.device
+                xs = x3.index_select(0, rows.to(dev)).reshape(-1, x3.shape[-1])
+                ds = d3.index_select(0, rows.to(dev)).reshape(-1, d3.shape[-1])
+                gw, gb = (ds.T @ xs).mul_(c), ds.sum(0).mul_(c)
+            else:
+                gw, gb = torch.zeros_like(m.weight), torch.zeros(d3.shape[-1], dtype=d3.dtype, device=d3.device)
+            _accumulate(m.weight, gw)
+            if m.bias is not None:
+                _accumulate(m.bias, gb)
+
+    def _device(self):
+        return self.layers[0].weight.device
+
+    def _choose(self, r: np.ndarray, q: int) -> np.ndarray:
+        """Sorted global sample indices kept in group q, from the raw scores r [N] (equal on all processes)."""
+        cfg, w = self.cfg, self.w_all.numpy()
+        s = r / w  # proportional to <gbar_i, g_T>: the scores of SubsetAverages(Gbar, k, w)
+        if cfg.selection == "topk":
+            return tp.SubsetAverages(s[:, None], self.k, weights=w).select(np.ones(1))
+        if cfg.selection == "released":
+            return np.sort(np.argsort(-r, kind="stable")[: self.k])
+        if cfg.selection == "negative_filtering":
+            return np.where(tp.negative_filtering(np.ones(1), s[:, None], cfg.filter_frac, weights=w)[1])[0]
+        rng = np.random.default_rng([cfg.seed, self.step_count, q])
+        return np.sort(rng.choice(self.N, self.k, replace=False))
+
+    def _project_group(self, q: int):
+        """Projection rule: materialised per-sample gradients of the group, gathered, projected with theory."""
+        layers = self.group_layers[q]
+        G = torch.cat([self.buffer[q].pop(i) for i in layers], 1)
+        G = G * (self.W / self.w_all[self.off:self.off + self._n_local])[:, None]  # raw -> gbar_i
+        full = torch.zeros(self.N, G.shape[1], dtype=torch.float64)
+        full[self.off:self.off + self._n_local] = G
+        full = self._sum(full.to(self._device())).cpu() if self._world() > 1 else full
+        g = torch.cat([torch.cat([gw.reshape(-1), gb if gb is not None else gw.new_zeros(0)]).double().cpu()
+                       for gw, gb in (self.target[i] for i in layers)])
+        z = torch.as_tensor(tp.project(g.numpy(), self._set(full.numpy())))
+        self.info.setdefault("projected_norm", []).append(float(z.norm()))
+        z = z / self._world()  # the gradients are summed over processes afterwards
+        o = 0
+        for i in layers:
+            for p in (self.layers[i].weight, self.layers[i].bias):
+                if p is not None:
+                    _accumulate(p, z[o:o + p.numel()].view_as(p).to(p.dtype).to(p.device))
+                    o += p.numel()
+
+    def _set(self, G: np.ndarray) -> tp.FeasibleSet:
+        w, name = self.w_all.numpy(), self.cfg.projection_set
+        if name == "hull":
+            return tp.Hull(G)
+        if name == "cone":
+            return tp.Cone(G)
+        if name == "span":
+            return tp.Span(G)
+        if name == "gem":
+            return tp.HalfSpaces(G)
+        if name == "agem":
+            return tp.HalfSpace(w @ G / w.sum())
+        if name == "subset":
+            return tp.SubsetAverages(G, self.cfg.k_for(self.N), weights=w)
+        return tp.Point.general_mean(G, w)
+
+    # ------------------------------------------------------------------ passes and reductions
+    def _two_pass(self, general_loss: Callable):
+        """GREATS: a scoring backward (no weight gradients), then a forward/backward on the subset alone."""
+        hooked = [p for m in self.layers for p in (m.weight, m.bias) if p is not None]
+        self.mode = "score"
+        try:
+            general_loss(None).backward(inputs=hooked)
+        finally:
+            self.mode = "off"
+        self._check_complete()
+        sel = self.selected[0]
+        for p in self.all_params:
+            p.grad = None
+        keep = torch.zeros(self.N, dtype=torch.bool)
+        keep[torch.as_tensor(sel, dtype=torch.long)] = True
+        rows = keep[self.off:self.off + self._n_local][self._rows].nonzero().squeeze(1)
+        W_S = float(self.w_all[torch.as_tensor(sel, dtype=torch.long)].sum()) if len(sel) else 0.0
+        if len(rows) and W_S > 0:
+            general_loss(rows).backward()
+            for p in self.all_params:
+                if p.grad is not None:
+                    p.grad.mul_(self.W / W_S)  # the loss was normalised by the whole batch's counts
+        self._reduce_grads()
+
+    def _check_complete(self):
+        for q, layers in enumerate(self.group_layers):
+            if self.arrived[q] != len(layers):
+                raise RuntimeError(f"datareg: group {q} ({self.groups[q][:3]}...) saw {self.arrived[q]} of "
+                                   f"{len(layers)} layers in the backward; every hooked layer must be used once")
+
+    def _reduce_grads(self):
+        """Sum every trainable gradient over processes (one flat all-reduce)."""
+        if self._world() == 1:
+            return
+        for p in self.all_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in self.all_params])
+        torch.distributed.all_reduce(flat)
+        o = 0
+        for p in self.all_params:
+            p.grad.copy_(flat[o:o + p.numel()].view_as(p))
+            o += p.numel()
+
+
+def _accumulate(p: torch.Tensor, g: torch.Tensor):
+    g = g.to(p.dtype)
+    if p.grad is None:
+        p.grad = g.contiguous()
+    else:
+        p.grad.add_(g)
+
+
+def _patched_forward(engine: DataReg, i: int):
+    def forward(self, x):
+        if engine.mode == "off" or not torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        return _Linear.apply(x, self.weight, self.bias, engine, i)
+    return forward

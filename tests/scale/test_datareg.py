@@ -1,0 +1,373 @@
+"""scale.datareg against a reference that materialises per-sample gradients (a loop of autograd calls).
+
+A float64 tiny Qwen2; a general batch of SFT rows of different lengths (so the token weights differ and the
+top-k rule is the weighted lmo); a target set of two examples. The reference builds G (rows: each sample's
+own token-mean gradient over the hooked parameters) and g (the target gradient) and applies
+``theory.projection.lmo`` / ``project`` over ``Product`` of per-group sets; the engine's ``.grad`` must
+equal it to 1e-5 (relative to the update's scale).
+
+Also the worker of the two-process test: ``torchrun --nproc_per_node 2 tests/scale/test_datareg.py OUT``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scale.datareg import DataReg, DataRegConfig, hookable_linears, make_groups
+from theory import projection as tp
+
+ROOT = Path(__file__).resolve().parents[2]
+N_GEN = 6
+
+
+def build_world(seed: int = 0):
+    """(model, general rows, target rows); a row is (ids [T], scored mask [T])."""
+    from toy.tasks import make_examples, make_mixed
+    from toy.tiny import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    model = make_model(tok, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=24,
+                       seed=seed).double()
+
+    def rows(exs):
+        out = []
+        for e in exs:
+            p = tok(e["prompt"])["input_ids"]
+            c = tok(e["completion"])["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor(p + c)
+            mask = torch.zeros(len(ids), dtype=torch.bool)
+            mask[len(p):] = True
+            out.append((ids, mask))
+        return out
+
+    return model, rows(make_mixed(N_GEN, (1, 2, 3, 4), seed=seed)), rows(make_examples(2, 5, seed=seed))
+
+
+def nll_sum(model, rows) -> torch.Tensor:
+    """Sum over scored tokens of -log p (right padding)."""
+    T = max(len(ids) for ids, _ in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    att = torch.zeros(len(rows), T, dtype=torch.long)
+    sc = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (x, m) in enumerate(rows):
+        ids[i, :len(x)], att[i, :len(x)], sc[i, :len(x)] = x, 1, m
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return -(lp * sc[:, 1:]).sum()
+
+
+def tokens(rows) -> torch.Tensor:
+    return torch.tensor([float(m.sum()) for _, m in rows], dtype=torch.float64)
+
+
+def closures(model, gen, tgt):
+    W = float(tokens(gen).sum())
+
+    def general_loss(sel):
+        part = gen if sel is None else [gen[i] for i in sel.tolist()]
+        return nll_sum(model, part) / W
+
+    def target_loss():
+        return nll_sum(model, tgt) / float(tokens(tgt).sum())
+
+    return general_loss, target_loss
+
+
+def hooked_params(model):
+    return [p for m in hookable_linears(model).values() for p in (m.weight, m.bias) if p is not None]
+
+
+def flat_grad(params, loss) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+
+def reference(model, gen, tgt):
+    """(G [n, d] per-sample token-mean gradients, g [d] target gradient, w [n]) over the hooked params."""
+    params = hooked_params(model)
+    G = torch.stack([flat_grad(params, nll_sum(model, [r]) / float(r[1].sum())) for r in gen])
+    g = flat_grad(params, nll_sum(model, tgt) / float(tokens(tgt).sum()))
+    return G.numpy(), g.numpy(), tokens(gen).numpy()
+
+
+def coordinate_groups(model, groups):
+    """Flat-vector index arrays of each group (layers in hooked order, weight then bias)."""
+    mods = hookable_linears(model)
+    starts, o = {}, 0
+    for name, m in mods.items():
+        size = sum(p.numel() for p in (m.weight, m.bias) if p is not None)
+        starts[name] = np.arange(o, o + size)
+        o += size
+    return [np.concatenate([starts[n] for n in g]) for g in groups]
+
+
+def engine_grads(model, cfg, gen, tgt, target="set"):
+    """Run one engine step from zero gradients; returns (hooked flat grad, {name: grad} of all, info)."""
+    model.zero_grad(set_to_none=True)
+    eng = DataReg(model, cfg)
+    try:
+        general_loss, target_loss = closures(model, gen, tgt)
+        info = eng.step(general_loss, tokens(gen), "batch" if target == "batch" else target_loss)
+    finally:
+        eng.close()
+    flat = torch.cat([p.grad.reshape(-1) for p in hooked_params(model)])
+    return flat.numpy(), {k: p.grad.clone() for k, p in model.named_parameters()}, info, eng
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.set_num_threads(1)
+    model, gen, tgt = build_world()
+    G, g, w = reference(model, gen, tgt)
+    return {"model": model, "gen": gen, "tgt": tgt, "G": G, "g": g, "w": w}
+
+
+def close(a, b, tol=1e-5):
+    scale = max(1.0, float(np.abs(b).max()))
+    return float(np.abs(a - b).max()) <= tol * scale
+
+
+@pytest.mark.parametrize("rule,grouping,k", [("global_subset", "", 3), ("blockwise_subset", "", 2),
+                                             ("layerwise_subset", "", 3), ("layerwise_subset", "sublayer", 1)])
+def test_subset_rules_equal_lmo_per_group(world, rule, grouping, k):
+    model, G, g, w = world["model"], world["G"], world["g"], world["w"]
+    assert len(set(w.tolist())) > 1, "lengths must differ so the weighted lmo is exercised"
+    cfg = DataRegConfig(update_rule=rule, k=k, groups=grouping)
+    got, _, info, eng = engine_grads(model, cfg, world["gen"], world["tgt"])
+    grp = coordinate_groups(model, eng.groups)
+    want = tp.lmo(g, tp.Product([tp.SubsetAverages(G[:, q], k, weights=w) for q in grp], grp))
+    assert close(got, want), float(np.abs(got - want).max())
+    # the selected sets are the theory's subsets
+    for q, sel in zip(grp, sorted_by_group(eng, info)):
+        assert list(sel) == tp.SubsetAverages(G[:, q], k, weights=w).select(g[q]).tolist()
+    # not the trivial update: per-group subsets differ somewhere for the layer-wise rule
+    if rule == "layerwise_subset" and grouping == "":
+        assert len({tuple(s) for s in info["selected"]}) > 1
+
+
+def sorted_by_group(eng, info):
+    """info['selected'] is in backward order of group completion; map it back to group order."""
+    return [eng.selected[q].tolist() for q in range(len(eng.groups))]
+
+
+def test_unhooked_parameters_keep_the_ordinary_gradient(world):
+    model = world["model"]
+    _, grads, _, _ = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=2), world["gen"],
+                                  world["tgt"])
+    model.zero_grad(set_to_none=True)
+    general_loss, _ = closures(model, world["gen"], world["tgt"])
+    general_loss(None).backward()
+    hooked = {id(p) for p in hooked_params(model)}
+    checked = 0
+    for name, p in model.named_parameters():
+        if id(p) not in hooked:
+            assert torch.allclose(grads[name], p.grad, rtol=0, atol=1e-12), name
+            checked += 1
+    assert checked >= 5  # norms and the (tied) embedding
+
+
+def test_released_rule_and_filtering_and_random(world):
+    model, G, g, w = world["model"], world["G"], world["g"], world["w"]
+    got, _, _, eng = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3, selection="released"),
+                                  world["gen"], world["tgt"])
+    S = tp.SubsetAverages(G, 3, weights=w)
+    assert close(got, S.average(S.released_rule(g)))
+    got, _, _, eng = engine_grads(model, DataRegConfig(update_rule="layerwise_subset",
+                                                       selection="negative_filtering"), world["gen"], world["tgt"])
+    grp = coordinate_groups(model, eng.groups)
+    want, dropped = np.zeros_like(got), 0
+    for q in grp:
+        want[q], keep = tp.negative_filtering(g[q], G[:, q], 1.0, weights=w)
+        dropped += int((~keep).sum())
+    assert dropped > 0, "some layer should drop a sample here, else the filter is not exercised"
+    assert close(got, want)
+    a, _, ia, _ = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=2, selection="random", seed=3),
+                               world["gen"], world["tgt"])
+    b, _, ib, _ = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=2, selection="random", seed=3),
+                               world["gen"], world["tgt"])
+    assert ia["selected"] == ib["selected"] and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["hull", "cone", "subset", "agem"])
+def test_projection_rule_equals_project(world, name):
+    model, G, g, w = world["model"], world["G"], world["g"], world["w"]
+    cfg = DataRegConfig(update_rule="projection", projection_set=name, groups="block", k=2)
+    got, _, _, eng = engine_grads(model, cfg, world["gen"], world["tgt"])
+    grp = coordinate_groups(model, eng.groups)
+    make = {"hull": tp.Hull, "cone": tp.Cone, "subset": lambda A: tp.SubsetAverages(A, 2, weights=w),
+            "agem": lambda A: tp.HalfSpace(w @ A / w.sum())}[name]
+    want = tp.project(g, tp.Product([make(G[:, q]) for q in grp], grp))
+    assert close(got, want), float(np.abs(got - want).max())
+
+
+def test_two_pass_equals_one_pass_on_hooked_layers(world):
+    model = world["model"]
+    one, g1, i1, _ = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3), world["gen"], world["tgt"])
+    two, g2, i2, _ = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3, subset_mode="two_pass"),
+                                  world["gen"], world["tgt"])
+    assert i1["selected"] == i2["selected"]
+    assert close(two, one, 1e-9)
+    # un-hooked parameters: the subset's own gradient in two-pass (GREATS), the full batch's in one-pass
+    sel = torch.tensor(i2["selected"][0])
+    model.zero_grad(set_to_none=True)
+    part = [world["gen"][i] for i in sel.tolist()]
+    (nll_sum(model, part) / float(tokens(part).sum())).backward()
+    norm = "model.norm.weight"
+    assert torch.allclose(g2[norm], dict(model.named_parameters())[norm].grad, atol=1e-12)
+    assert not torch.allclose(g1[norm], g2[norm], atol=1e-9)
+
+
+def test_exact_and_identity_sketch_agree(world):
+    model = world["model"]
+    ex, _, ie, eng_e = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=3), world["gen"],
+                                    world["tgt"])
+    sk, _, isk, eng_s = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=3, scoring="sketched",
+                                                          sketch_rank=64), world["gen"], world["tgt"])
+    assert isk["sketched_layers"] == len(eng_s.layers)
+    for a, b in zip(eng_e.scores, eng_s.scores):  # rank >= every dimension: the sketch is the identity
+        assert np.array_equal(np.argsort(a.numpy()), np.argsort(b.numpy()))
+        assert torch.allclose(a, b, rtol=1e-10, atol=0)
+    assert ie["selected"] == isk["selected"] and close(sk, ex, 1e-10)
+
+
+def test_random_sketch_ranks_like_exact(world):
+    """A genuine rank-4 Gaussian sketch (dims 16-24): scores correlate with the exact ones (fixed seed)."""
+    from scipy.stats import spearmanr
+
+    model = world["model"]
+    _, _, _, eng_e = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3), world["gen"], world["tgt"])
+    rhos = []
+    for seed in range(4):
+        _, _, _, eng_s = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3, scoring="sketched",
+                                                           sketch_rank=8, seed=seed), world["gen"], world["tgt"])
+        rhos.append(spearmanr(eng_e.scores[0].numpy(), eng_s.scores[0].numpy())[0])
+    assert np.mean(rhos) > 0.5, rhos
+
+
+def test_auto_uses_the_cost_model():
+    eng = DataReg.__new__(DataReg)
+    eng.cfg = DataRegConfig(update_rule="layerwise_subset", scoring="auto", sketch_rank=64)
+    assert eng._method(64, 64) == "exact"            # identity sketch: nothing to save
+    assert eng._method(128, 64) == "exact"           # 128*64 + 64*64 > 128*64
+    assert eng._method(1024, 1024) == "sketched"     # 2*1024*64 + 64^2 << 1024^2
+
+
+def test_full_is_the_ordinary_step(world):
+    model = world["model"]
+    _, grads, _, _ = engine_grads(model, DataRegConfig(update_rule="full"), world["gen"], world["tgt"])
+    model.zero_grad(set_to_none=True)
+    closures(model, world["gen"], world["tgt"])[0](None).backward()
+    for name, p in model.named_parameters():
+        assert torch.equal(grads[name], p.grad), name
+
+
+def test_target_only_is_training_on_the_target(world):
+    model = world["model"]
+    _, grads, _, _ = engine_grads(model, DataRegConfig(update_rule="target_only"), world["gen"], world["tgt"])
+    model.zero_grad(set_to_none=True)
+    closures(model, world["gen"], world["tgt"])[1]().backward()
+    for name, p in model.named_parameters():
+        assert torch.equal(grads[name], p.grad), name
+
+
+def test_batch_target_is_the_general_mean(world):
+    model, G, w = world["model"], world["G"], world["w"]
+    got, _, _, eng = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=3), world["gen"],
+                                  world["tgt"], target="batch")
+    grp = coordinate_groups(model, eng.groups)
+    gbar = w @ G / w.sum()
+    want = tp.lmo(gbar, tp.Product([tp.SubsetAverages(G[:, q], 3, weights=w) for q in grp], grp))
+    assert close(got, want)
+
+
+def test_bad_input_is_named(world):
+    model = world["model"]
+    with pytest.raises(ValueError, match="datareg.k: 7 is larger than the general batch of 6"):
+        engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=7), world["gen"], world["tgt"])
+    with pytest.raises(ValueError, match="matches no hooked layer"):
+        DataReg(model, DataRegConfig(update_rule="blockwise_subset", groups="custom",
+                                     custom_groups=[["*q_proj"], ["*nonexistent*"]]))
+    with pytest.raises(ValueError, match="target_loss"):
+        engine_grads_no_target(model, world)
+    with pytest.raises(ValueError, match="datareg.update_rule"):
+        DataRegConfig(update_rule="layerwise").validate()
+    names = list(hookable_linears(model))
+    assert len(make_groups(names, "custom", [["*.0.*"]])) == 1 + len(names) // 2
+
+
+def engine_grads_no_target(model, world):
+    eng = DataReg(model, DataRegConfig(update_rule="layerwise_subset", k=2))
+    try:
+        eng.step(closures(model, world["gen"], world["tgt"])[0], tokens(world["gen"]), None)
+    finally:
+        eng.close()
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+DDP_CASES = [("layerwise_subset", "one_pass"), ("global_subset", "one_pass"), ("global_subset", "two_pass"),
+             ("blockwise_subset", "one_pass")]
+
+
+def ddp_worker(out: str):
+    """Each process takes its half of the general batch (DDP-wrapped model, gloo); saves rank 0's results."""
+    from accelerate import Accelerator
+
+    torch.set_num_threads(1)
+    acc = Accelerator(cpu=True)
+    P, rank = acc.num_processes, acc.process_index
+    results = {}
+    for rule, mode in DDP_CASES:
+        model, gen, tgt = build_world()
+        W = float(tokens(gen).sum())
+        mine = gen[rank * N_GEN // P:(rank + 1) * N_GEN // P]
+        ddp = acc.prepare(model)
+        eng = DataReg(model, DataRegConfig(update_rule=rule, k=3, subset_mode=mode))
+
+        def general_loss(sel, mine=mine, ddp=ddp, W=W):
+            part = mine if sel is None else [mine[i] for i in sel.tolist()]
+            return nll_sum(ddp, part) / W
+
+        def target_loss(model=model, tgt=tgt):
+            return nll_sum(model, tgt) / float(tokens(tgt).sum())
+
+        info = eng.step(general_loss, tokens(mine), target_loss, no_sync=lambda ddp=ddp: acc.no_sync(ddp))
+        eng.close()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        results[(rule, mode)] = (info["selected"], {k: v.detach().clone() for k, v in model.named_parameters()})
+    if rank == 0:
+        torch.save(results, out)
+
+
+def test_two_processes_select_and_step_like_one(tmp_path):
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           str(Path(__file__)), str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ddp = torch.load(out)
+    for rule, mode in DDP_CASES:
+        model, gen, tgt = build_world()
+        init = {k: v.detach().clone() for k, v in model.named_parameters()}
+        eng = DataReg(model, DataRegConfig(update_rule=rule, k=3, subset_mode=mode))
+        general_loss, target_loss = closures(model, gen, tgt)
+        info = eng.step(general_loss, tokens(gen), target_loss)
+        eng.close()
+        sel, params = ddp[(rule, mode)]
+        assert sel == info["selected"], (rule, mode)
+        for k, p in model.named_parameters():
+            want = init[k] - 0.1 * p.grad
+            assert not torch.equal(want, init[k]) or k.endswith("bias"), k
+            assert torch.allclose(params[k], want, rtol=0, atol=1e-10), (rule, mode, k)
+
+
+if __name__ == "__main__":
+    ddp_worker(sys.argv[1])
