@@ -197,3 +197,33 @@ def test_hpt_gate_equals_schedule(world, tmp_path):
             sft_w = [r.weight for r in out if r.kind == "sft" and r.meta["group"] == q]
             assert rl_w == ([alpha[q]] * n if alpha[q] > 0 else [])
             assert sft_w == ([beta[q]] if beta[q] > 0 else [])
+
+
+@pytest.mark.parametrize("config,data", [("tiny_dpo.yaml", "dpo"), ("tiny_grpo.yaml", "rl")])
+def test_lora_trains_only_the_adapter_and_saves_it(world, tmp_path, config, data):
+    """LoRA through peft: the base weights stay fixed, the adapter moves; DPO's reference is the
+    adapter-free base (no copy of the model)."""
+    out = tmp_path / "run"
+    ov = base_overrides(world, "", data, out, **{"run.save_model": True, "model.lora.enabled": True,
+                                                  "model.lora.r": 4, "run.lr": 5e-2})
+    ov = [o for o in ov if not o.startswith("method.name=")]
+    assert cli(["train", str(CONFIGS / config), *ov]) == 0
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(bool(v.abs().sum() > 0) for k, v in adapter.items() if "lora_B" in k)  # B starts at 0
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(out))
+
+
+def test_gradient_checkpointing_gives_the_same_update(world, tmp_path):
+    """Activation checkpointing recomputes the forward in the backward: same parameters after 2 steps."""
+    finals = []
+    for gc in (False, True):
+        out = tmp_path / f"gc{int(gc)}"
+        ov = base_overrides(world, "sft", "sft", out, **{"run.save_model": True,
+                                                          "model.gradient_checkpointing": gc})
+        assert cli(["train", str(CONFIGS / "tiny_sft.yaml"), *ov]) == 0
+        finals.append(_params(out / "final"))
+    for k in finals[0]:
+        torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-6)
