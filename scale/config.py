@@ -150,12 +150,34 @@ class RunConfig:
 
 
 @dataclass
+class DataregConfig:
+    """Dr. Post-Training update rules (scale/datareg.py), an option of every method; `full` = the ordinary step."""
+
+    update_rule: str = "full"         # full | target_only | {global,blockwise,layerwise}_subset | projection
+    k: int = 0                        # samples kept per group (0: floor(fraction * global batch))
+    fraction: float = 0.5
+    selection: str = "topk"           # topk (exact lmo) | released (top-k of raw scores) | negative_filtering | random
+    filter_frac: float = 1.0          # negative_filtering: fraction of the negative-score samples dropped
+    groups: str = ""                  # "" (from the rule) | layer | sublayer | block | global | custom
+    custom_groups: list[list[str]] = field(default_factory=list)   # fnmatch patterns over hooked module names
+    subset_mode: str = "one_pass"     # one_pass | two_pass (GREATS; global_subset only)
+    scoring: str = "exact"            # exact | sketched (LoGra) | auto (cost model, drpt.md 1.5)
+    sketch_rank: int = 64
+    projection_set: str = "hull"      # projection rule: hull | cone | span | gem | agem | subset | point
+    seed: int = 0
+    target: str = "file"              # file (target_path, cycled) | batch (the batch's own gradient)
+    target_path: str = ""
+    target_batch_size: int = 1        # target examples per step (the released SFT code: 1)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    datareg: DataregConfig = field(default_factory=DataregConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,7 +221,27 @@ class Config:
             raise ValueError(f"method.joint.order: expected two objective names, got {m.joint.order}")
         if len(r.betas) != 2:
             raise ValueError(f"run.betas: expected two numbers, got {r.betas}")
+        _validate_datareg(self)
         return self
+
+
+def _validate_datareg(cfg: Config) -> None:
+    d = cfg.datareg
+    if d.update_rule == "full":
+        return
+    from scale.datareg import DataRegConfig  # imports torch: only when the section is used
+
+    DataRegConfig(**{f.name: getattr(d, f.name) for f in dataclasses.fields(DataRegConfig)}).validate()
+    _choice("datareg.target", d.target, ("file", "batch"))
+    if d.target == "file" and not d.target_path:
+        raise ValueError("datareg.target_path: required with datareg.target=file (a JSONL of target examples)")
+    if d.target == "batch" and d.update_rule == "target_only":
+        raise ValueError("datareg.target: target_only needs a target set (target=file)")
+    if d.target_batch_size < 1:
+        raise ValueError(f"datareg.target_batch_size: expected a positive integer, got {d.target_batch_size}")
+    if cfg.run.grad_accum != 1:
+        raise ValueError(f"run.grad_accum: datareg rules select over the whole batch in one backward; expected 1, "
+                         f"got {cfg.run.grad_accum}")
 
 
 def _choice(key, value, valid):
