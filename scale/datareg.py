@@ -40,6 +40,7 @@ scores and weights over processes inside the backward and sums the finished grad
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import math
 import re
@@ -574,3 +575,87 @@ def _patched_forward(engine: DataReg, i: int):
             return F.linear(x, self.weight, self.bias)
         return _Linear.apply(x, self.weight, self.bias, engine, i)
     return forward
+
+
+# ---------------------------------------------------------------------------------------------- trainer glue
+class TrainerHook:
+    """The ``datareg:`` section inside ``scale.train.Trainer``: target data (loaded before the model), the
+    engine (built on first use), and ``backward(rows, norms)``, which replaces the ordinary backward.
+
+    The target loss is the SFT token-mean NLL of ``target_batch_size`` target examples (prompt /
+    completion), cycled in file order and the same on every process, whatever the method (SFT, DPO, RL):
+    the target task's likelihood. Samples: a row, or a DPO pair (its two rows); weights: scored tokens
+    under a global token mean, else 1 (per-sequence means, DPO pairs).
+    """
+
+    def __init__(self, trainer, context: int):
+        from scale.train import prepare_data
+
+        d = trainer.cfg.datareg
+        self.tr, self.cfg = trainer, d
+        self.engine: DataReg | None = None
+        self.target: list[dict] = []
+        if d.target == "file":
+            try:
+                self.target = prepare_data(d.target_path, trainer.cfg, trainer.tok, "sft", context)
+            except ValueError as e:
+                raise ValueError(f"datareg.target_path: {e}") from None
+            if not self.target:
+                raise ValueError(f"datareg.target_path: the target set {d.target_path!r} is empty")
+
+    def _engine(self) -> DataReg:
+        if self.engine is None:
+            kind = self.tr.acc.distributed_type.name
+            if kind not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU"):
+                raise ValueError(f"datareg: supported under DDP or one process, not {kind}")
+            keys = [f.name for f in dataclasses.fields(DataRegConfig)]
+            self.engine = DataReg(self.tr._model(), DataRegConfig(**{k: getattr(self.cfg, k) for k in keys}))
+        return self.engine
+
+    def _samples(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        terms = self.tr.terms
+        token_mean = {"sft": terms.sft is not None and terms.sft.aggregation == "global_token_mean",
+                      "rl": terms.rl is not None and terms.rl.aggregation == "global_token_mean"}
+        sample_of_row, weights = [], []
+        for i, rw in enumerate(rows):
+            if rw.kind == "rejected" and i and rows[i - 1].kind == "chosen":
+                sample_of_row.append(len(weights) - 1)
+                continue
+            kind = "rl" if rw.kind in ("rl", "demo") else rw.kind
+            sample_of_row.append(len(weights))
+            weights.append(float(max(rw.n_scored, 1)) if token_mean.get(kind) else 1.0)
+        return torch.tensor(sample_of_row), torch.tensor(weights, dtype=torch.float64)
+
+    def backward(self, rows, norms: dict) -> tuple[torch.Tensor, dict]:
+        """Gradients of this process's rows under the rule (grad_accum is 1); returns (loss, statistics)."""
+        from scale.methods import Row, Terms, collate, local_counts, micro_loss, sft_estimator
+
+        tr, eng = self.tr, self._engine()
+        dev, pad = tr.acc.device, tr.tok.pad_token_id
+        seen: dict = {}
+
+        def general_loss(sel):
+            part = rows if sel is None else [rows[i] for i in sel.tolist()]
+            mb = collate(part, pad, dev)
+            lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"],
+                                temperature=tr.cfg.generation.temperature)
+            loss, st = micro_loss(lp, ent, mb, tr.terms, norms)
+            seen.setdefault("out", (float(loss.detach()), st))  # statistics of the whole batch's pass
+            return loss
+
+        def target_loss():
+            b = self.cfg.target_batch_size
+            exs = [self.target[(eng.step_count * b + j) % len(self.target)] for j in range(b)]
+            trows = [Row(list(e["completion"]["input_ids"]), e["completion"]["prompt_len"], "sft") for e in exs]
+            mb = collate(trows, pad, dev)
+            lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], with_entropy=False)
+            loss = micro_loss(lp, ent, mb, Terms(sft=sft_estimator("global_token_mean")), local_counts(trows))[0]
+            seen.setdefault("target", float(loss.detach()))
+            return loss
+
+        sample_of_row, weights = self._samples(rows)
+        info = eng.step(general_loss, weights, "batch" if self.cfg.target == "batch" else target_loss,
+                        sample_of_row=sample_of_row, no_sync=lambda: tr.acc.no_sync(tr.policy))
+        self.last_info = {**info, "target_loss": seen.get("target")}
+        loss, st = seen.get("out", (0.0, {}))
+        return torch.tensor(loss), st

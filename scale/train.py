@@ -160,6 +160,11 @@ class Trainer:
             self.pref = self.data
         self.estimators()
         self.schedule = self._make_schedule()
+        self.datareg = None  # Dr. Post-Training update rules (scale/datareg.py); target data checked here
+        if cfg.datareg.update_rule != "full":
+            from scale.datareg import TrainerHook
+
+            self.datareg = TrainerHook(self, context)
 
         # 2. accelerate and the model
         self.acc = accelerator or Accelerator(cpu=r.cpu, mixed_precision=r.mixed_precision,
@@ -494,11 +499,14 @@ class Trainer:
         for mb_rows in _split(rows, r.grad_accum):
             mb = collate(mb_rows, self.tok.pad_token_id, self.acc.device)
             tokens += int(mb["attention_mask"].sum())
-            with self.acc.accumulate(self.policy):
-                lp, ent = self.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"],
-                                      temperature=self.cfg.generation.temperature)
-                loss, st = micro_loss(lp, ent, mb, self.terms, norms)
-                self.acc.backward(loss * scale)
+            if getattr(self, "datareg", None) is not None:  # the rule's own backward (scale/datareg.py)
+                loss, st = self.datareg.backward(mb_rows, norms)
+            else:
+                with self.acc.accumulate(self.policy):
+                    lp, ent = self.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"],
+                                          temperature=self.cfg.generation.temperature)
+                    loss, st = micro_loss(lp, ent, mb, self.terms, norms)
+                    self.acc.backward(loss * scale)
             total += float(loss.detach())
             for k, v in st.items():
                 stats[k] += v

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from scale.datareg import DataReg, DataRegConfig, hookable_linears, make_groups
+from tests.scale.conftest import base_overrides, read_metrics
 from theory import projection as tp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,7 +122,7 @@ def engine_grads(model, cfg, gen, tgt, target="set"):
 
 
 @pytest.fixture(scope="module")
-def world():
+def tiny():
     torch.set_num_threads(1)
     model, gen, tgt = build_world()
     G, g, w = reference(model, gen, tgt)
@@ -135,11 +136,11 @@ def close(a, b, tol=1e-5):
 
 @pytest.mark.parametrize("rule,grouping,k", [("global_subset", "", 3), ("blockwise_subset", "", 2),
                                              ("layerwise_subset", "", 3), ("layerwise_subset", "sublayer", 1)])
-def test_subset_rules_equal_lmo_per_group(world, rule, grouping, k):
-    model, G, g, w = world["model"], world["G"], world["g"], world["w"]
+def test_subset_rules_equal_lmo_per_group(tiny, rule, grouping, k):
+    model, G, g, w = tiny["model"], tiny["G"], tiny["g"], tiny["w"]
     assert len(set(w.tolist())) > 1, "lengths must differ so the weighted lmo is exercised"
     cfg = DataRegConfig(update_rule=rule, k=k, groups=grouping)
-    got, _, info, eng = engine_grads(model, cfg, world["gen"], world["tgt"])
+    got, _, info, eng = engine_grads(model, cfg, tiny["gen"], tiny["tgt"])
     grp = coordinate_groups(model, eng.groups)
     want = tp.lmo(g, tp.Product([tp.SubsetAverages(G[:, q], k, weights=w) for q in grp], grp))
     assert close(got, want), float(np.abs(got - want).max())
@@ -156,12 +157,12 @@ def sorted_by_group(eng, info):
     return [eng.selected[q].tolist() for q in range(len(eng.groups))]
 
 
-def test_unhooked_parameters_keep_the_ordinary_gradient(world):
-    model = world["model"]
-    _, grads, _, _ = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=2), world["gen"],
-                                  world["tgt"])
+def test_unhooked_parameters_keep_the_ordinary_gradient(tiny):
+    model = tiny["model"]
+    _, grads, _, _ = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=2), tiny["gen"],
+                                  tiny["tgt"])
     model.zero_grad(set_to_none=True)
-    general_loss, _ = closures(model, world["gen"], world["tgt"])
+    general_loss, _ = closures(model, tiny["gen"], tiny["tgt"])
     general_loss(None).backward()
     hooked = {id(p) for p in hooked_params(model)}
     checked = 0
@@ -172,14 +173,14 @@ def test_unhooked_parameters_keep_the_ordinary_gradient(world):
     assert checked >= 5  # norms and the (tied) embedding
 
 
-def test_released_rule_and_filtering_and_random(world):
-    model, G, g, w = world["model"], world["G"], world["g"], world["w"]
+def test_released_rule_and_filtering_and_random(tiny):
+    model, G, g, w = tiny["model"], tiny["G"], tiny["g"], tiny["w"]
     got, _, _, eng = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3, selection="released"),
-                                  world["gen"], world["tgt"])
+                                  tiny["gen"], tiny["tgt"])
     S = tp.SubsetAverages(G, 3, weights=w)
     assert close(got, S.average(S.released_rule(g)))
     got, _, _, eng = engine_grads(model, DataRegConfig(update_rule="layerwise_subset",
-                                                       selection="negative_filtering"), world["gen"], world["tgt"])
+                                                       selection="negative_filtering"), tiny["gen"], tiny["tgt"])
     grp = coordinate_groups(model, eng.groups)
     want, dropped = np.zeros_like(got), 0
     for q in grp:
@@ -188,17 +189,17 @@ def test_released_rule_and_filtering_and_random(world):
     assert dropped > 0, "some layer should drop a sample here, else the filter is not exercised"
     assert close(got, want)
     a, _, ia, _ = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=2, selection="random", seed=3),
-                               world["gen"], world["tgt"])
+                               tiny["gen"], tiny["tgt"])
     b, _, ib, _ = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=2, selection="random", seed=3),
-                               world["gen"], world["tgt"])
+                               tiny["gen"], tiny["tgt"])
     assert ia["selected"] == ib["selected"] and np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["hull", "cone", "subset", "agem"])
-def test_projection_rule_equals_project(world, name):
-    model, G, g, w = world["model"], world["G"], world["g"], world["w"]
+def test_projection_rule_equals_project(tiny, name):
+    model, G, g, w = tiny["model"], tiny["G"], tiny["g"], tiny["w"]
     cfg = DataRegConfig(update_rule="projection", projection_set=name, groups="block", k=2)
-    got, _, _, eng = engine_grads(model, cfg, world["gen"], world["tgt"])
+    got, _, _, eng = engine_grads(model, cfg, tiny["gen"], tiny["tgt"])
     grp = coordinate_groups(model, eng.groups)
     make = {"hull": tp.Hull, "cone": tp.Cone, "subset": lambda A: tp.SubsetAverages(A, 2, weights=w),
             "agem": lambda A: tp.HalfSpace(w @ A / w.sum())}[name]
@@ -206,29 +207,29 @@ def test_projection_rule_equals_project(world, name):
     assert close(got, want), float(np.abs(got - want).max())
 
 
-def test_two_pass_equals_one_pass_on_hooked_layers(world):
-    model = world["model"]
-    one, g1, i1, _ = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3), world["gen"], world["tgt"])
+def test_two_pass_equals_one_pass_on_hooked_layers(tiny):
+    model = tiny["model"]
+    one, g1, i1, _ = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3), tiny["gen"], tiny["tgt"])
     two, g2, i2, _ = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3, subset_mode="two_pass"),
-                                  world["gen"], world["tgt"])
+                                  tiny["gen"], tiny["tgt"])
     assert i1["selected"] == i2["selected"]
     assert close(two, one, 1e-9)
     # un-hooked parameters: the subset's own gradient in two-pass (GREATS), the full batch's in one-pass
     sel = torch.tensor(i2["selected"][0])
     model.zero_grad(set_to_none=True)
-    part = [world["gen"][i] for i in sel.tolist()]
+    part = [tiny["gen"][i] for i in sel.tolist()]
     (nll_sum(model, part) / float(tokens(part).sum())).backward()
     norm = "model.norm.weight"
     assert torch.allclose(g2[norm], dict(model.named_parameters())[norm].grad, atol=1e-12)
     assert not torch.allclose(g1[norm], g2[norm], atol=1e-9)
 
 
-def test_exact_and_identity_sketch_agree(world):
-    model = world["model"]
-    ex, _, ie, eng_e = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=3), world["gen"],
-                                    world["tgt"])
+def test_exact_and_identity_sketch_agree(tiny):
+    model = tiny["model"]
+    ex, _, ie, eng_e = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=3), tiny["gen"],
+                                    tiny["tgt"])
     sk, _, isk, eng_s = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=3, scoring="sketched",
-                                                          sketch_rank=64), world["gen"], world["tgt"])
+                                                          sketch_rank=64), tiny["gen"], tiny["tgt"])
     assert isk["sketched_layers"] == len(eng_s.layers)
     for a, b in zip(eng_e.scores, eng_s.scores):  # rank >= every dimension: the sketch is the identity
         assert np.array_equal(np.argsort(a.numpy()), np.argsort(b.numpy()))
@@ -236,16 +237,16 @@ def test_exact_and_identity_sketch_agree(world):
     assert ie["selected"] == isk["selected"] and close(sk, ex, 1e-10)
 
 
-def test_random_sketch_ranks_like_exact(world):
+def test_random_sketch_ranks_like_exact(tiny):
     """A genuine rank-4 Gaussian sketch (dims 16-24): scores correlate with the exact ones (fixed seed)."""
     from scipy.stats import spearmanr
 
-    model = world["model"]
-    _, _, _, eng_e = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3), world["gen"], world["tgt"])
+    model = tiny["model"]
+    _, _, _, eng_e = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3), tiny["gen"], tiny["tgt"])
     rhos = []
     for seed in range(4):
         _, _, _, eng_s = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3, scoring="sketched",
-                                                           sketch_rank=8, seed=seed), world["gen"], world["tgt"])
+                                                           sketch_rank=8, seed=seed), tiny["gen"], tiny["tgt"])
         rhos.append(spearmanr(eng_e.scores[0].numpy(), eng_s.scores[0].numpy())[0])
     assert np.mean(rhos) > 0.5, rhos
 
@@ -258,53 +259,53 @@ def test_auto_uses_the_cost_model():
     assert eng._method(1024, 1024) == "sketched"     # 2*1024*64 + 64^2 << 1024^2
 
 
-def test_full_is_the_ordinary_step(world):
-    model = world["model"]
-    _, grads, _, _ = engine_grads(model, DataRegConfig(update_rule="full"), world["gen"], world["tgt"])
+def test_full_is_the_ordinary_step(tiny):
+    model = tiny["model"]
+    _, grads, _, _ = engine_grads(model, DataRegConfig(update_rule="full"), tiny["gen"], tiny["tgt"])
     model.zero_grad(set_to_none=True)
-    closures(model, world["gen"], world["tgt"])[0](None).backward()
+    closures(model, tiny["gen"], tiny["tgt"])[0](None).backward()
     for name, p in model.named_parameters():
         assert torch.equal(grads[name], p.grad), name
 
 
-def test_target_only_is_training_on_the_target(world):
-    model = world["model"]
-    _, grads, _, _ = engine_grads(model, DataRegConfig(update_rule="target_only"), world["gen"], world["tgt"])
+def test_target_only_is_training_on_the_target(tiny):
+    model = tiny["model"]
+    _, grads, _, _ = engine_grads(model, DataRegConfig(update_rule="target_only"), tiny["gen"], tiny["tgt"])
     model.zero_grad(set_to_none=True)
-    closures(model, world["gen"], world["tgt"])[1]().backward()
+    closures(model, tiny["gen"], tiny["tgt"])[1]().backward()
     for name, p in model.named_parameters():
         assert torch.equal(grads[name], p.grad), name
 
 
-def test_batch_target_is_the_general_mean(world):
-    model, G, w = world["model"], world["G"], world["w"]
-    got, _, _, eng = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=3), world["gen"],
-                                  world["tgt"], target="batch")
+def test_batch_target_is_the_general_mean(tiny):
+    model, G, w = tiny["model"], tiny["G"], tiny["w"]
+    got, _, _, eng = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=3), tiny["gen"],
+                                  tiny["tgt"], target="batch")
     grp = coordinate_groups(model, eng.groups)
     gbar = w @ G / w.sum()
     want = tp.lmo(gbar, tp.Product([tp.SubsetAverages(G[:, q], 3, weights=w) for q in grp], grp))
     assert close(got, want)
 
 
-def test_bad_input_is_named(world):
-    model = world["model"]
+def test_bad_input_is_named(tiny):
+    model = tiny["model"]
     with pytest.raises(ValueError, match="datareg.k: 7 is larger than the general batch of 6"):
-        engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=7), world["gen"], world["tgt"])
+        engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=7), tiny["gen"], tiny["tgt"])
     with pytest.raises(ValueError, match="matches no hooked layer"):
         DataReg(model, DataRegConfig(update_rule="blockwise_subset", groups="custom",
                                      custom_groups=[["*q_proj"], ["*nonexistent*"]]))
     with pytest.raises(ValueError, match="target_loss"):
-        engine_grads_no_target(model, world)
+        engine_grads_no_target(model, tiny)
     with pytest.raises(ValueError, match="datareg.update_rule"):
         DataRegConfig(update_rule="layerwise").validate()
     names = list(hookable_linears(model))
     assert len(make_groups(names, "custom", [["*.0.*"]])) == 1 + len(names) // 2
 
 
-def engine_grads_no_target(model, world):
+def engine_grads_no_target(model, tiny):
     eng = DataReg(model, DataRegConfig(update_rule="layerwise_subset", k=2))
     try:
-        eng.step(closures(model, world["gen"], world["tgt"])[0], tokens(world["gen"]), None)
+        eng.step(closures(model, tiny["gen"], tiny["tgt"])[0], tokens(tiny["gen"]), None)
     finally:
         eng.close()
 
@@ -371,3 +372,55 @@ def test_two_processes_select_and_step_like_one(tmp_path):
 
 if __name__ == "__main__":
     ddp_worker(sys.argv[1])
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+def test_cli_smoke_layerwise_subset(world, tmp_path):
+    """`ptlab train` with datareg.update_rule=layerwise_subset (sketched, k=2 of 4) on the general pool and
+    the target task: runs, parameters change, metrics are finite and logged."""
+    from scale.config import load_config
+    from scale.train import Trainer
+
+    ov = base_overrides(world, "sft", "general", tmp_path / "run", **{
+        "datareg.update_rule": "layerwise_subset", "datareg.k": 2, "datareg.scoring": "sketched",
+        "datareg.sketch_rank": 8, "datareg.target_path": str(world["target"]), "run.save_model": True})
+    tr = Trainer(load_config(None, ov))
+    init = {k: v.detach().clone() for k, v in tr.policy.named_parameters()}
+    tr.train()
+    m = read_metrics(tmp_path / "run")
+    assert len(m) == 2 and all(np.isfinite(x["loss"]) and np.isfinite(x["grad_norm"]) for x in m)
+    assert any(not torch.equal(init[k], v) for k, v in tr.policy.named_parameters())
+    assert len(tr.datareg.last_info["selected"]) == len(tr.datareg.engine.layers)
+    assert all(len(s) == 2 for s in tr.datareg.last_info["selected"])
+
+
+def test_trainer_target_only_equals_training_on_the_target(world, tmp_path):
+    from scale.config import load_config
+    from scale.train import Trainer
+
+    common = {"run.batch_size": 2, "data.shuffle": False, "run.max_steps": 2, "model.dtype": "float64"}
+    a = Trainer(load_config(None, base_overrides(world, "sft", "general", tmp_path / "a", **common, **{
+        "datareg.update_rule": "target_only", "datareg.target_path": str(world["target"]),
+        "datareg.target_batch_size": 2})))
+    a.train()
+    b = Trainer(load_config(None, base_overrides(world, "sft", "target", tmp_path / "b", **common)))
+    b.train()
+    pa, pb = dict(a.policy.named_parameters()), dict(b.policy.named_parameters())
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], rtol=0, atol=1e-12), k
+
+
+def test_trainer_bad_target_is_named(world, tmp_path):
+    from scale.config import load_config
+    from scale.train import Trainer
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    ov = base_overrides(world, "sft", "general", tmp_path / "run", **{
+        "datareg.update_rule": "layerwise_subset", "datareg.target_path": str(empty)})
+    with pytest.raises(ValueError, match="datareg.target_path"):
+        Trainer(load_config(None, ov))
+    ov = base_overrides(world, "sft", "general", tmp_path / "run", **{
+        "datareg.update_rule": "layerwise_subset", "datareg.k": 9, "datareg.target_path": str(world["target"])})
+    with pytest.raises(ValueError, match="datareg.k: 9 is larger than the general batch of 4"):
+        Trainer(load_config(None, ov)).train()
