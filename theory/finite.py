@@ -27,19 +27,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import log_softmax
 
+from theory._checks import real_array
+
 _ATOL = 1e-9  # tolerance on probability vectors summing to one
 
 
 def _as_array(name, value, ndim) -> np.ndarray:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name}: expected a real array, got {type(value).__name__}") from e
-    if arr.ndim != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}: contains NaN or infinite values")
-    return arr
+    return real_array(name, value, ndim)
 
 
 def _check_distribution(name, p, axis=-1):

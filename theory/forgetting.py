@@ -28,6 +28,7 @@ import numpy as np
 from scipy.optimize import brentq, linprog
 from scipy.special import expit, log_softmax
 
+from theory._checks import unit_interval
 from theory.schedules import Schedule, cost
 
 __all__ = ["LogLinearProblem", "NoFiniteMinimiser", "ParetoFront", "Run", "run_schedule", "gd_batch",
@@ -50,13 +51,7 @@ class ParetoFront(NamedTuple):
 
 
 def _check_lam(lam) -> float:
-    try:
-        lam = float(lam)
-    except (TypeError, ValueError):
-        raise ValueError(f"lam: expected a number in [0, 1], got {lam!r}") from None
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam: expected a number in [0, 1], got {lam!r}")
-    return lam
+    return unit_interval("lam", lam)
 
 
 def _distribution(a, name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -46,22 +46,13 @@ from itertools import combinations
 
 import numpy as np
 
+from theory._checks import real_array
+
 # ----------------------------------------------------------------------------- input checking
 
 
 def _to_np(x, name: str, ndim: int) -> np.ndarray:
-    """float64 numpy copy of a numpy array, list or torch tensor, with shape and finiteness checked."""
-    if hasattr(x, "detach"):  # torch tensor; duck-typed so theory does not import torch
-        x = x.detach().cpu().double().numpy()
-    try:
-        a = np.array(x, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name}: expected a real array, got {type(x).__name__}") from e
-    if a.ndim != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {a.shape}")
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"{name}: expected finite values, found NaN or inf")
-    return a
+    return real_array(name, x, ndim)
 
 
 def _like(z: np.ndarray, g):

@@ -31,6 +31,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from theory._checks import unit_interval
+
 __all__ = ["Schedule", "Sequential", "Mix", "Alright", "Maxright", "HptGate", "cost"]
 
 
@@ -58,13 +60,7 @@ def _check_step(step) -> int:
 
 
 def _check_lam(lam) -> float:
-    try:
-        lam = float(lam)
-    except (TypeError, ValueError):
-        raise ValueError(f"lam: expected a number in [0, 1], got {lam!r}") from None
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam: expected a number in [0, 1], got {lam!r}")
-    return lam
+    return unit_interval("lam", lam)
 
 
 def _one_hot(chosen: str, names: Sequence[str]) -> dict[str, float]:
@@ -270,12 +266,7 @@ class HptGate:
     objectives = ("rl", "sft")
 
     def __init__(self, gamma: float, mode: str = "switch", temperature: float = 0.05):
-        try:
-            gamma = float(gamma)
-        except (TypeError, ValueError):
-            raise ValueError(f"gamma: expected a number in [0, 1], got {gamma!r}") from None
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma: expected a number in [0, 1], got {gamma!r}")
+        gamma = unit_interval("gamma", gamma)
         if mode not in ("switch", "smooth"):
             raise ValueError(f"mode: expected 'switch' or 'smooth', got {mode!r}")
         if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
