@@ -15,7 +15,7 @@ from pathlib import Path
 def _figures_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("paper_figs"), help="output folder (default paper_figs)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="build only these figures")
-    p.add_argument("--all", action="store_true", help="also build the figures marked slow")
+    p.add_argument("--fast", action="store_true", help="skip the figures marked slow (minutes each)")
     p.add_argument("--list", action="store_true", help="list the registered figures and exit")
 
 
@@ -26,7 +26,7 @@ def _figures_run(a: argparse.Namespace) -> int:
         for f in discover().values():
             print(f"{f.name:28s} {'(slow) ' if f.slow else ''}{f.reproduces}")
         return 0
-    built = run_figures(a.out, only=a.only, include_slow=a.all)
+    built = run_figures(a.out, only=a.only, include_slow=not a.fast)
     print(f"[ptlab figures] built {len(built)} figure(s) into {a.out}; index: {a.out / 'README.md'}")
     return 0
 

@@ -31,7 +31,7 @@ class Figure:
     name: str
     reproduces: str             # which paper figure or table, and its claim
     build: Callable[[Path], FigureResult]
-    slow: bool = False          # slow figures run with `ptlab figures --all` or by name
+    slow: bool = False          # minutes to build: skipped by `ptlab figures --fast`
 
 
 FIGURES: dict[str, Figure] = {}
@@ -59,7 +59,7 @@ def discover() -> dict[str, Figure]:
     return FIGURES
 
 
-def run_figures(out: Path, only: list[str] | None = None, include_slow: bool = False) -> list[str]:
+def run_figures(out: Path, only: list[str] | None = None, include_slow: bool = True) -> list[str]:
     """Build the selected figures into `out`, then rebuild the index. Returns the names built."""
     figs = discover()
     if only:
