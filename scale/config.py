@@ -59,7 +59,7 @@ class DataConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = "hf"               # hf (model.generate) | vllm (where installed)
+    backend: str = "hf"               # hf (model.generate) | ptlab (scale/sampling.py, same sampling) | vllm
     n: int = 8                        # samples per prompt (the group size)
     temperature: float = 1.0          # also divides the logits of the training log-probs
     top_p: float = 1.0
@@ -190,7 +190,7 @@ class Config:
         _choice("method.hpt.variant", m.hpt.variant, ("paper", "code"))
         _choice("method.hpt.gate_mode", m.hpt.gate_mode, ("switch", "smooth"))
         _choice("method.joint.schedule", m.joint.schedule, SCHEDULES)
-        _choice("generation.backend", g.backend, ("hf", "vllm"))
+        _choice("generation.backend", g.backend, ("hf", "ptlab", "vllm"))
         _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16", "float64"))
         _choice("run.lr_scheduler", r.lr_scheduler, ("constant", "linear", "cosine"))
         _choice("run.mixed_precision", r.mixed_precision, ("no", "bf16", "fp16"))

@@ -8,7 +8,12 @@ DeepSpeed see the whole computation as one forward. Inside:
 2. only the positions whose next token is scored (the completion tokens) are kept: [N, H];
 3. the LM head, the temperature division, log_softmax and the gather run over chunks of `chunk`
    positions, each under activation checkpointing, so at most [chunk, V] float32 logits exist at a time,
-   in the forward and in the backward (where the chunk is recomputed).
+   in the forward and in the backward (where the chunk is recomputed). A chunk of at most `SMALL_CHUNK`
+   logits (a few MB: a tiny vocabulary, a handful of tokens) is not checkpointed: there the recompute
+   costs more time than the memory it saves is worth.
+
+The entropy is a statistic unless an entropy bonus is trained: with `entropy_grad=False` it is computed
+without building its graph (the values are the same; only the backward differs).
 
 Shapes: input_ids, attention_mask, score_mask [B, T]. score_mask[i, t] is True when token t of row i
 is scored given tokens < t (so score_mask[:, 0] must be False). Returns logp, entropy [B, T] with 0
@@ -21,22 +26,37 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+SMALL_CHUNK = 1 << 20  # chunk positions x vocabulary: at most this many logits are kept, not recomputed
 
-def _chunk_logp(head: nn.Module, h: torch.Tensor, target: torch.Tensor, temperature: float, with_entropy: bool):
+
+def _entropy(lsm: torch.Tensor) -> torch.Tensor:
+    return -(lsm.exp() * lsm).sum(-1)
+
+
+def _chunk_logp(head: nn.Module, h: torch.Tensor, target: torch.Tensor, temperature: float, with_entropy: bool,
+                entropy_grad: bool = True):
     logits = head(h)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     lsm = torch.log_softmax(logits, dim=-1)
     logp = lsm.gather(-1, target[:, None]).squeeze(-1)
-    if with_entropy:
-        ent = -(lsm.exp() * lsm).sum(-1)
-    else:
+    if not with_entropy:
         ent = torch.zeros_like(logp)
+    elif entropy_grad:
+        ent = _entropy(lsm)
+    else:
+        with torch.no_grad():
+            ent = _entropy(lsm.detach())
     return logp, ent
+
+
+def _vocab_size(head: nn.Module) -> int | None:
+    w = getattr(head, "weight", None)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
 
 
 def selected_logprobs(decoder_hidden: torch.Tensor, head: nn.Module, input_ids: torch.Tensor,
                       score_mask: torch.Tensor, temperature: float = 1.0, chunk: int = 1024,
-                      with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      with_entropy: bool = True, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states [B, T, H] -> (logp, entropy) [B, T] at the scored positions (see module doc)."""
     if score_mask[:, 0].any():
         raise ValueError("score_mask: position 0 has no prefix and cannot be scored")
@@ -46,9 +66,11 @@ def selected_logprobs(decoder_hidden: torch.Tensor, head: nn.Module, input_ids: 
     h = decoder_hidden[:, :-1][pos]                          # [N, H]
     target = input_ids[:, 1:][pos]                           # [N]
     parts_lp, parts_ent = [], []
+    V = _vocab_size(head)
     for s in range(0, h.shape[0], chunk):
-        args = (head, h[s:s + chunk], target[s:s + chunk], temperature, with_entropy)
-        if torch.is_grad_enabled() and h.requires_grad:
+        args = (head, h[s:s + chunk], target[s:s + chunk], temperature, with_entropy, entropy_grad)
+        small = V is not None and args[1].shape[0] * V <= SMALL_CHUNK
+        if torch.is_grad_enabled() and h.requires_grad and not small:
             lp, ent = checkpoint(_chunk_logp, *args, use_reentrant=False)
         else:
             lp, ent = _chunk_logp(*args)
@@ -73,11 +95,22 @@ class Policy(nn.Module):
         # FSDP's transformer auto-wrap reads the block classes from the top module
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
-    def forward(self, input_ids, attention_mask, score_mask, temperature: float = 1.0, with_entropy: bool = True):
+    def forward(self, input_ids, attention_mask, score_mask, temperature: float = 1.0, with_entropy: bool = True,
+                entropy_grad: bool = True):
         decoder = self.model.get_decoder()
+        if is_right_padded(attention_mask):
+            # Causal attention: a token never sees the pads after it, and pads are never scored, so the mask
+            # changes nothing that is returned; without it attention takes its causal path (no mask built).
+            attention_mask = None
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return selected_logprobs(out.last_hidden_state, self.model.get_output_embeddings(), input_ids, score_mask,
-                                 temperature=temperature, chunk=self.chunk, with_entropy=with_entropy)
+                                 temperature=temperature, chunk=self.chunk, with_entropy=with_entropy,
+                                 entropy_grad=entropy_grad)
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row's mask is ones then zeros (real tokens from position 0, pads only after them)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()) and bool(attention_mask[:, 0].all())
 
 
 def reference_logprobs(model: nn.Module, input_ids, attention_mask, score_mask, temperature: float = 1.0):

@@ -465,14 +465,21 @@ class Trainer:
         from scale.data import collate as pad
 
         b = pad([{"input_ids": p} for p in prompts], self.tok.pad_token_id, left=True)
-        out = model.generate(input_ids=b["input_ids"].to(self.acc.device),
-                             attention_mask=b["attention_mask"].to(self.acc.device), do_sample=True,
-                             temperature=g.temperature, top_p=g.top_p, top_k=0, max_new_tokens=g.max_new_tokens,
-                             num_return_sequences=n, pad_token_id=self.tok.pad_token_id,
-                             eos_token_id=self.tok.eos_token_id)
+        if g.backend == "ptlab":
+            from scale.sampling import generate_ids
+
+            new = generate_ids(model, b["input_ids"].to(self.acc.device), b["attention_mask"].to(self.acc.device), n,
+                               g.max_new_tokens, self.tok.eos_token_id, self.tok.pad_token_id,
+                               temperature=g.temperature, top_p=g.top_p)
+        else:
+            new = model.generate(input_ids=b["input_ids"].to(self.acc.device),
+                                 attention_mask=b["attention_mask"].to(self.acc.device), do_sample=True,
+                                 temperature=g.temperature, top_p=g.top_p, top_k=0, max_new_tokens=g.max_new_tokens,
+                                 num_return_sequences=n, pad_token_id=self.tok.pad_token_id,
+                                 eos_token_id=self.tok.eos_token_id)[:, b["input_ids"].shape[1]:]
         model.train(was_training)
         comps = []
-        for row in out[:, b["input_ids"].shape[1]:].tolist():
+        for row in new.tolist():
             if self.tok.eos_token_id in row:
                 row = row[: row.index(self.tok.eos_token_id) + 1]
             else:
@@ -504,7 +511,8 @@ class Trainer:
             else:
                 with self.acc.accumulate(self.policy):
                     lp, ent = self.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"],
-                                          temperature=self.cfg.generation.temperature)
+                                          temperature=self.cfg.generation.temperature,
+                                          entropy_grad=bool(self.terms.entropy_coef))
                     loss, st = micro_loss(lp, ent, mb, self.terms, norms)
                     self.acc.backward(loss * scale)
             total += float(loss.detach())
