@@ -75,18 +75,18 @@ def collate(rows: list[Row], pad_id: int, device=None) -> dict[str, torch.Tensor
     """Right-padded tensors [n, T]: input_ids, attention_mask, score_mask (the completion tokens), and per
     row advantage, weight, is_demo, ref_logp, old_logp / ref_token_logp [n, T] (0 where not scored)."""
     n, T = len(rows), max(len(r.input_ids) for r in rows)
-    ids = torch.full((n, T), pad_id, dtype=torch.long)
-    att = torch.zeros((n, T), dtype=torch.long)
-    score = torch.zeros((n, T), dtype=torch.bool)
-    old = torch.zeros((n, T), dtype=torch.float64)
-    ref_tok = torch.zeros((n, T), dtype=torch.float64)
+    # one tensor from padded lists and masks from the lengths: no per-row tensor copies
+    ids = torch.tensor([list(r.input_ids) + [pad_id] * (T - len(r.input_ids)) for r in rows], dtype=torch.long)
+    pos = torch.arange(T)
+    length = torch.tensor([len(r.input_ids) for r in rows])[:, None]
+    att = (pos < length).long()
+    score = (pos >= torch.tensor([r.prompt_len for r in rows])[:, None]) & (pos < length)
     has_old = any(r.old_logp is not None for r in rows)
     has_ref_tok = any(r.ref_token_logp is not None for r in rows)
+    old = torch.zeros((n, T), dtype=torch.float64) if has_old else None
+    ref_tok = torch.zeros((n, T), dtype=torch.float64) if has_ref_tok else None
     for i, r in enumerate(rows):
         L = len(r.input_ids)
-        ids[i, :L] = torch.tensor(r.input_ids)
-        att[i, :L] = 1
-        score[i, r.prompt_len:L] = True
         if r.old_logp is not None:
             old[i, r.prompt_len:L] = torch.tensor(r.old_logp, dtype=torch.float64)
         if r.ref_token_logp is not None:
@@ -97,8 +97,8 @@ def collate(rows: list[Row], pad_id: int, device=None) -> dict[str, torch.Tensor
         "weight": torch.tensor([r.weight for r in rows], dtype=torch.float64),
         "ref_logp": torch.tensor([r.ref_logp for r in rows], dtype=torch.float64),
         "kind": [r.kind for r in rows],
-        "old_logp": old if has_old else None,
-        "ref_token_logp": ref_tok if has_ref_tok else None,
+        "old_logp": old,
+        "ref_token_logp": ref_tok,
     }
     if device is not None:
         out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}

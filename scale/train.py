@@ -191,7 +191,8 @@ class Trainer:
             model.config.use_cache = False
         policy = Policy(model, chunk=r.logprob_chunk)
         params = [p for p in policy.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay)
+        self.opt = torch.optim.AdamW(params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay,
+                                     fused=_fused_adamw(self.acc, params))
         self.updates_per_step = m.rl.mini_batches * m.rl.epochs if m.name in RL_FAMILY else 1
         self.sched = _lr_schedule(self.opt, r, r.max_steps * self.updates_per_step)
         self.policy, self.opt = self.acc.prepare(policy, self.opt)
@@ -687,6 +688,16 @@ def _split(rows: list[Row], k: int) -> list[list[Row]]:
             part = [Row(list(ids), len(ids), "sft", weight=0.0)]
         out.append(part)
     return out
+
+
+def _fused_adamw(acc, params) -> bool | None:
+    """AdamW's one-kernel update (what transformers' Trainer uses by default) for plain floating parameters
+    on one process or DDP; the default per-tensor loop elsewhere (FSDP / DeepSpeed shard or replace it)."""
+    from accelerate.utils import DistributedType
+
+    plain = acc.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if plain and ok and params else None
 
 
 def _lr_schedule(opt, r, total):

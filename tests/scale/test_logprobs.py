@@ -78,3 +78,19 @@ def test_is_right_padded():
     assert not L.is_right_padded(torch.tensor([[0, 1, 1], [1, 1, 1]]))
     assert not L.is_right_padded(torch.tensor([[1, 0, 1]]))
     assert not L.is_right_padded(torch.tensor([[0, 0, 0]]))
+
+
+def test_collate_equals_row_loop():
+    """methods.collate's masks and ids equal a row-by-row construction (right padding, completion scored)."""
+    from scale.methods import Row, collate
+
+    rows = [Row([5, 6, 7, 8], 2, "rl", old_logp=[-1.0, -2.0]), Row([9, 10], 1, "sft"), Row([3, 4, 5], 3, "sft")]
+    b = collate(rows, pad_id=0)
+    T = 4
+    for i, r in enumerate(rows):
+        L = len(r.input_ids)
+        assert b["input_ids"][i].tolist() == r.input_ids + [0] * (T - L)
+        assert b["attention_mask"][i].tolist() == [1] * L + [0] * (T - L)
+        assert b["score_mask"][i].tolist() == [r.prompt_len <= t < L for t in range(T)]
+    assert b["old_logp"].tolist() == [[0, 0, -1.0, -2.0], [0] * 4, [0] * 4]
+    assert b["ref_token_logp"] is None
