@@ -118,7 +118,7 @@ def engine_grads(model, cfg, gen, tgt, target="set"):
     finally:
         eng.close()
     flat = torch.cat([p.grad.reshape(-1) for p in hooked_params(model)])
-    return flat.numpy(), {k: p.grad.clone() for k, p in model.named_parameters()}, info, eng
+    return flat.numpy(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, info, eng
 
 
 @pytest.fixture(scope="module")
@@ -424,3 +424,20 @@ def test_trainer_bad_target_is_named(world, tmp_path):
         "datareg.update_rule": "layerwise_subset", "datareg.k": 9, "datareg.target_path": str(world["target"])})
     with pytest.raises(ValueError, match="datareg.k: 9 is larger than the general batch of 4"):
         Trainer(load_config(None, ov)).train()
+
+
+def test_lora_adapters_are_hooked_as_their_own_layers():
+    """Under peft LoRA, lora_A and lora_B are separate layers (frozen base layers are not hooked) and the
+    layer-wise update equals the lmo over the adapter parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    model, gen, tgt = build_world(seed=1)
+    model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
+                                             init_lora_weights=False))
+    names = list(hookable_linears(model))
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names) and len(names) == 8
+    G, g, w = reference(model, gen, tgt)
+    got, _, info, eng = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=2), gen, tgt)
+    grp = coordinate_groups(model, eng.groups)
+    want = tp.lmo(g, tp.Product([tp.SubsetAverages(G[:, q], 2, weights=w) for q in grp], grp))
+    assert close(got, want)
