@@ -142,7 +142,7 @@ def build(out: Path, seeds=(0, 1), steps: int = 150, eval_every: int = 10) -> Fi
                         extra={"final": final, "min": best})
 
 
-@figure("datareg_sft", slow=True,
+@figure("datareg_sft",
         reproduces="Dr. Post-Training SFT eval-perplexity curves (drpt.md 1.6): Layer-Wise Subset < Global Subset "
                    "< Full-Training; Target-only overfits")
 def fig_datareg_sft(out: Path) -> FigureResult:
