@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter  # noqa: E402
 
 from experiments.registry import FigureResult, figure  # noqa: E402
 from theory.projection import update_moments  # noqa: E402
@@ -94,6 +95,7 @@ def build_spectrum(out: Path) -> FigureResult:
 
 CURVE_RULES = ["Target-only", "Full-Training", "Global Subset", "Layer-Wise Subset", "Cone projection"]
 SEEDS = (0, 1, 2, 3, 4)  # five seeds, as in the paper (drpt.md 1.6)
+K, M = 4, 4  # k = 4 of n = 8 general examples (the released code); m = 4 target examples per step
 
 
 def _rule(name: str, world: World, seed: int, k: int):
@@ -109,12 +111,14 @@ def _summary(loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return loss[:, -tail:].mean(1), loss.min(1)
 
 
-def curves(steps: int = 2000, seeds: tuple = SEEDS, k: int = 4, ks: tuple = (1, 2, 4, 6)) -> dict:
+def curves(steps: int = 2000, seeds: tuple = SEEDS, k: int = K, m: int = M, ks: tuple = (1, 2, 4, 6),
+           ms: tuple = (1, 4, 16)) -> dict:
     """Held-out target loss against steps, one run per rule and seed (world and student seeded alike).
 
-    Returns {"curves": {rule: {"steps", "loss" [seeds, evals]}}, "sweep": {(granularity, k): loss},
-    "floor": per-seed teacher loss}. The sweep runs the subset rules for every k in ks and granularity in
-    global, block, layer on the same seeds; k = 4 at global and layer granularity reuses the curves.
+    Returns {"steps", "curves": {rule: loss [seeds, evals]}, "sweep": {(granularity, k): loss},
+    "m_sweep": {(rule, m): loss}, "floor": per-seed teacher loss}. The k sweep runs the subset rules for
+    every k in ks and granularity in global, block, layer (target minibatch m); the m sweep runs the five
+    rules at k with the target minibatch sizes in ms. Runs already in the curves are reused.
     """
     runs: dict = {}
     floor = []
@@ -122,17 +126,28 @@ def curves(steps: int = 2000, seeds: tuple = SEEDS, k: int = 4, ks: tuple = (1, 
         world = World(seed=s)
         floor.append(teacher_loss(world))
         for name in CURVE_RULES:
-            runs.setdefault(name, []).append(train(world, _rule(name, world, s, k), steps=steps, seed=s))
+            runs.setdefault(name, []).append(train(world, _rule(name, world, s, k), steps=steps, m=m, seed=s))
         for gran in ("global", "block", "layer"):
             for kk in ks:
                 if kk == k and gran != "block":
                     r = runs["Global Subset" if gran == "global" else "Layer-Wise Subset"][-1]
                 else:
-                    r = train(world, rule("subset", kk, gran, world.student(s)), steps=steps, seed=s)
+                    r = train(world, rule("subset", kk, gran, world.student(s)), steps=steps, m=m, seed=s)
                 runs.setdefault((gran, kk), []).append(r)
+        for mm in ms:
+            for name in CURVE_RULES:
+                same = mm == m or name == "Full-Training"  # Full-Training ignores g: the very same run
+                runs.setdefault((name, "m", mm), []).append(
+                    runs[name][-1] if same else train(world, _rule(name, world, s, k), steps=steps, m=mm, seed=s))
     stack = {key: np.stack([r["loss"] for r in v]) for key, v in runs.items()}
     return {"steps": runs["Target-only"][0]["steps"], "curves": {n: stack[n] for n in CURVE_RULES},
-            "sweep": {key: v for key, v in stack.items() if isinstance(key, tuple)}, "floor": np.array(floor)}
+            "sweep": {key: v for key, v in stack.items() if isinstance(key, tuple) and len(key) == 2},
+            "m_sweep": {(key[0], key[2]): v for key, v in stack.items() if isinstance(key, tuple) and len(key) == 3},
+            "floor": np.array(floor)}
+
+
+COLORS = {"Target-only": "C7", "Full-Training": "k", "Global Subset": "C2", "Layer-Wise Subset": "C3",
+          "Cone projection": "C0"}
 
 
 @figure("projection_target_loss",
@@ -141,25 +156,23 @@ def curves(steps: int = 2000, seeds: tuple = SEEDS, k: int = 4, ks: tuple = (1, 
                    "rules), Global and Layer-Wise Subset beat both, Layer-Wise best")
 def build_curves(out: Path, steps: int = 2000, seeds: tuple = SEEDS) -> FigureResult:
     res = curves(steps=steps, seeds=seeds)
-    cur, sweep, t = res["curves"], res["sweep"], res["steps"]
+    cur, sweep, msw, t = res["curves"], res["sweep"], res["m_sweep"], res["steps"]
     S = len(seeds)
     fin, mn = {}, {}
-    for name, loss in list(cur.items()) + list(sweep.items()):
+    for name, loss in list(cur.items()) + list(sweep.items()) + list(msw.items()):
         fin[name], mn[name] = _summary(loss)
     ratio = fin["Target-only"] / mn["Target-only"]
 
-    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.4))
-    colors = {"Target-only": "C7", "Full-Training": "k", "Global Subset": "C2", "Layer-Wise Subset": "C3",
-              "Cone projection": "C0"}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1.4, 1, 1]})
     for name, loss in cur.items():
         mean, se = loss.mean(0), loss.std(0) / np.sqrt(S)
-        axes[0].plot(t, mean, color=colors[name], label=f"{name} (final {fin[name].mean():.3f})")
-        axes[0].fill_between(t, mean - se, mean + se, color=colors[name], alpha=0.2)
+        axes[0].plot(t, mean, color=COLORS[name], label=f"{name} (final {fin[name].mean():.3f})")
+        axes[0].fill_between(t, mean - se, mean + se, color=COLORS[name], alpha=0.2)
     axes[0].axhline(res["floor"].mean(), color="C1", ls="--", lw=1, label="teacher (label-noise floor)")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("held-out target log-loss")
-    axes[0].set_title(f"(a) target loss, mean of {S} seeds (band = 1 SE), k = 4 of 8", fontsize=10)
+    axes[0].set_title(f"(a) target loss, mean of {S} seeds (band = 1 SE), k = {K} of 8, m = {M}", fontsize=10)
     axes[0].legend(fontsize=8)
     ks = sorted({kk for _, kk in sweep})
     n_general = 8
@@ -171,8 +184,25 @@ def build_curves(out: Path, steps: int = 2000, seeds: tuple = SEEDS) -> FigureRe
     axes[1].axhline(res["floor"].mean(), color="C1", ls="--", lw=1)
     axes[1].set_xlabel(f"k (of n = {n_general}; k = {n_general} is Full-Training)")
     axes[1].set_ylabel("final held-out target log-loss")
-    axes[1].set_title(f"(b) subset rules: k and granularity, mean of {S} seeds (bars = 1 SE)", fontsize=10)
+    axes[1].set_title(f"(b) subset rules: k and granularity ({S} seeds, bars = 1 SE)", fontsize=10)
     axes[1].legend(fontsize=8)
+    m_all = sorted({mm for _, mm in msw})
+    for j, name in enumerate(CURVE_RULES):
+        y = [fin[(name, mm)].mean() for mm in m_all]
+        e = [fin[(name, mm)].std() / np.sqrt(S) for mm in m_all]
+        axes[2].errorbar(np.array(m_all) * (1 + 0.03 * (j - 2)), y, yerr=e, marker="o", ms=4, capsize=2,
+                         color=COLORS[name], label=name)
+    axes[2].axhline(res["floor"].mean(), color="C1", ls="--", lw=1)
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_yscale("log")
+    for ax in (axes[0], axes[2]):  # plain numbers on the log axes
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
+    axes[2].set_xticks(m_all, [str(mm) for mm in m_all])
+    axes[2].set_xlabel("m, target examples per step (of 16)")
+    axes[2].set_ylabel("final held-out target log-loss")
+    axes[2].set_title(f"(c) target minibatch size, k = {K} ({S} seeds, bars = 1 SE)", fontsize=10)
+    axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "projection_target_loss.png", dpi=130)
     plt.close(fig)
@@ -205,7 +235,10 @@ def build_curves(out: Path, steps: int = 2000, seeds: tuple = SEEDS) -> FigureRe
                f"{n_seeds('Global Subset', 'Full-Training')}/{S}, Layer-Wise < Global: "
                f"{n_seeds('Layer-Wise Subset', 'Global Subset')}/{S}, Cone < Target-only: "
                f"{n_seeds('Cone projection', 'Target-only')}/{S}. Best of the k/granularity sweep: {best[0]} "
-               f"k={best[1]} ({fin[best].mean():.3f}). Claims: overfits {overfits}, Full-Training biased {biased}, "
+               f"k={best[1]} ({fin[best].mean():.3f}). Other target minibatch sizes (final, mean over seeds): "
+               + "; ".join(f"m={mm}: " + ", ".join(f"{n} {fin[(n, mm)].mean():.3f}" for n in CURVE_RULES)
+                           for mm in m_all if mm != M)
+               + f". Claims (at m = {M}): overfits {overfits}, Full-Training biased {biased}, "
                f"subsets beat both {beat_both}, Cone between or better {proj_ok}, Layer-Wise best {lw_best}.")
     caption = ("Toy world (toy/datareg.py): binary classification, 4-layer tanh MLP (width 32), logistic loss; "
                "16 target examples (10% label noise), m = 4 of them per step (cycled); a fresh general "
@@ -215,12 +248,15 @@ def build_curves(out: Path, steps: int = 2000, seeds: tuple = SEEDS) -> FigureRe
                "Full-Training (Point at the general mean), Global and Layer-Wise Subset (lmo over "
                "SubsetAverages, one group or one per layer, k = 4) and the Cone projection; dashed: the "
                "teacher's own held-out loss. (b) Final loss of the subset rules for k = 1, 2, 4, 6 at global, "
-               "block (2 layers) and layer granularity; k = 8 is Full-Training.")
+               "block (2 layers) and layer granularity; k = 8 is Full-Training. (c) Final loss of the five rules "
+               "when the target gradient uses m = 1 (the released code), 4 or 16 (all) target examples per step; "
+               "m = 4 is the setting of (a) and (b), chosen after trying these three.")
     extra = {"final": {n: F[n] for n in CURVE_RULES}, "final_sd": {n: float(fin[n].std()) for n in CURVE_RULES},
              "min": {n: float(mn[n].mean()) for n in CURVE_RULES},
              "final_per_seed": {n: fin[n].tolist() for n in CURVE_RULES},
              "target_only_ratio": ratio.tolist(), "floor": float(res["floor"].mean()), "steps": steps,
              "sweep": {f"{g} k={kk}": float(fin[(g, kk)].mean()) for g, kk in sweep},
+             "m_sweep": {f"{n} m={mm}": float(fin[(n, mm)].mean()) for n, mm in msw},
              "claims": {"overfits": overfits, "biased": biased, "beat_both": beat_both, "projection": proj_ok,
                         "layerwise_best": lw_best}}
     return FigureResult(files=["projection_target_loss.png"], caption=caption, held=held, finding=finding,

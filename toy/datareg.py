@@ -329,8 +329,8 @@ def train(world: World, update_rule, steps: int = 2000, n: int = 8, m: int = 4, 
 
     Each step: m target examples, cyclic over reshuffled copies of the scarce target set (the released SFT
     code's loader), give g; a fresh general minibatch of n gives G; the rule's update is Adam's gradient.
-    The general stream and the target order depend only on ``seed``, so rules compared at one seed see
-    the same data. ``lr_decay`` decays the rate linearly to 0 (the released code's schedule); the default
+    The general stream and the target order depend only on ``seed`` (two separate streams), so rules
+    compared at one seed see the same data, whatever m. ``lr_decay`` decays the rate linearly to 0 (the released code's schedule); the default
     is a constant rate. Returns the held-out target-loss curve {"steps", "loss"} (evaluated every
     ``eval_every`` steps and at step 0).
     """
@@ -344,8 +344,8 @@ def train(world: World, update_rule, steps: int = 2000, n: int = 8, m: int = 4, 
 def _train(world, update_rule, steps, n, m, lr, eval_every, seed, lr_decay):
     model = world.student(seed)
     opt = Adam(model.theta, lr)
-    rng = np.random.default_rng([seed, 7])
-    order, pos = rng.permutation(world.n_target), 0
+    rng, rng_general = np.random.default_rng([seed, 7]), np.random.default_rng([seed, 8])  # separate streams:
+    order, pos = rng.permutation(world.n_target), 0  # the general data do not depend on m
     steps_logged, losses = [0], [target_loss(model, world)]
     for step in range(1, steps + 1):
         idx = []
@@ -355,7 +355,7 @@ def _train(world, update_rule, steps, n, m, lr, eval_every, seed, lr_decay):
             idx.append(order[pos])
             pos += 1
         g = model.grad(world.x_target[idx], world.y_target[idx])
-        xg, yg = world.sample_general(n, rng)
+        xg, yg = world.sample_general(n, rng_general)
         G = model.per_sample_grads(xg, yg)
         opt.step(np.asarray(update_rule(g, G), dtype=np.float64),
                  lr * (1.0 - (step - 1) / steps) if lr_decay else None)

@@ -150,6 +150,9 @@ def test_train_runs_every_rule_and_is_deterministic():
     assert np.array_equal(a["loss"], b["loss"])
     c = train(World(seed=0), f, steps=30, eval_every=10, lr_decay=True)
     assert not np.array_equal(a["loss"], c["loss"])
+    # the general stream does not depend on m: Full-Training, which ignores g, is the same run
+    full = [train(World(seed=0), rule("full"), steps=30, eval_every=10, m=mm)["loss"] for mm in (1, 16)]
+    assert np.array_equal(*full)
 
 
 def test_one_blas_thread_restores_the_thread_count():
