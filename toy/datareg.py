@@ -330,9 +330,9 @@ def train(world: World, update_rule, steps: int = 2000, n: int = 8, m: int = 4, 
     Each step: m target examples, cyclic over reshuffled copies of the scarce target set (the released SFT
     code's loader), give g; a fresh general minibatch of n gives G; the rule's update is Adam's gradient.
     The general stream and the target order depend only on ``seed`` (two separate streams), so rules
-    compared at one seed see the same data, whatever m. ``lr_decay`` decays the rate linearly to 0 (the released code's schedule); the default
-    is a constant rate. Returns the held-out target-loss curve {"steps", "loss"} (evaluated every
-    ``eval_every`` steps and at step 0).
+    compared at one seed see the same data, whatever m. ``lr_decay`` decays the rate linearly to 0 (the
+    released code's schedule); the default is a constant rate. Returns the held-out target-loss curve
+    {"steps", "loss"} (evaluated every ``eval_every`` steps and at step 0).
     """
     if steps < 1 or n < 1 or not 1 <= m <= world.n_target:
         raise ValueError(f"steps, n, m: expected steps >= 1, n >= 1, 1 <= m <= n_target={world.n_target}; "
