@@ -211,11 +211,24 @@ class Span(_RowsSet):
 
 
 def _cone_coefficients(G: np.ndarray, K: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """argmin_{c >= 0} ||G^T c - g||, on the Gram matrix K = G G^T."""
+    """argmin_{c >= 0} ||G^T c - g||, on the Gram matrix K = G G^T.
+
+    The cone does not change when rows are rescaled, so the NNLS runs on unit-length rows (Gram
+    D^-1 K D^-1, D = diag of row norms) and the coefficients are mapped back; per-sample gradient norms
+    spanning many orders of magnitude would otherwise break the active set's sign tests.
+    """
     if G.shape[0] == 0:
         return np.zeros(0)
-    b = G @ g
-    return _nnls_gram(K, b, max(np.max(np.abs(b)), np.max(np.diag(K))))
+    norms = np.sqrt(np.clip(np.diag(K), 0.0, None))
+    live = norms > 0
+    c = np.zeros(G.shape[0])
+    if not live.any():
+        return c
+    d = norms[live]
+    Kn = K[np.ix_(live, live)] / np.outer(d, d)
+    bn = (G[live] @ g) / d
+    c[live] = _nnls_gram(Kn, bn, max(np.max(np.abs(bn)), 1.0)) / d
+    return c
 
 
 class Cone(_RowsSet):

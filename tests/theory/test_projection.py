@@ -440,3 +440,19 @@ def test_moments_monte_carlo_nonlinear():
         moments(Cone(G), truth, mean=mean, cov=-np.eye(d))
     with pytest.raises(ValueError, match="rule"):
         moments(Cone(G), truth, mean=mean, cov=cov, rule="other")
+
+
+def test_cone_and_gem_on_rows_of_very_different_norms():
+    """Per-sample gradient norms spanning 1e-5..1e5 (logistic losses do this): the projections still satisfy
+    their optimality conditions (the cone is invariant to row scaling, which the solver exploits)."""
+    rng = np.random.default_rng(3)
+    G = rng.normal(size=(20, 40)) * np.logspace(-5, 5, 20)[:, None]
+    g = rng.normal(size=40)
+    p = project(g, Cone(G))
+    r = g - p
+    unit = G / np.linalg.norm(G, axis=1, keepdims=True)
+    assert np.max(unit @ r) <= 1e-8 * np.linalg.norm(g)      # <g - P(g), G_i> <= 0 for every generator
+    assert abs(r @ p) <= 1e-8 * np.linalg.norm(g) ** 2       # complementary slackness
+    q = project(g, HalfSpaces(G))
+    assert np.min(unit @ q) >= -1e-8 * np.linalg.norm(g)     # feasible: G q >= 0
+    np.testing.assert_allclose(q - g, project(-g, Cone(G)), atol=1e-8 * np.linalg.norm(g))  # Moreau
