@@ -11,6 +11,7 @@ named. Semantic checks across keys (e.g. batch divisibility) are in `Config.vali
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,22 +150,69 @@ class RunConfig:
     save_model: bool = True           # save the final model (save_pretrained) into output_dir/final
 
 
-@dataclass
-class DataregConfig:
-    """Dr. Post-Training update rules (scale/datareg.py), an option of every method; `full` = the ordinary step."""
+RULES = ("full", "target_only", "global_subset", "blockwise_subset", "layerwise_subset", "projection")
+GROUPINGS = ("layer", "sublayer", "block", "global", "custom")
+SELECTIONS = ("topk", "released", "negative_filtering", "random")
+SCORINGS = ("exact", "sketched", "auto")
+SUBSET_MODES = ("one_pass", "two_pass")
+PROJECTION_SETS = ("hull", "cone", "span", "gem", "agem", "subset", "point")
+DEFAULT_GROUPS = {"global_subset": "global", "blockwise_subset": "block", "layerwise_subset": "layer",
+                  "projection": "layer"}
 
-    update_rule: str = "full"         # full | target_only | {global,blockwise,layerwise}_subset | projection
-    k: int = 0                        # samples kept per group (0: floor(fraction * global batch))
+
+@dataclass
+class DataRegConfig:
+    """The options of a data-regularised update (the ``datareg:`` config section mirrors these)."""
+
+    update_rule: str = "full"        # full | target_only | {global,blockwise,layerwise}_subset | projection
+    k: int = 0                       # samples kept per group; 0: floor(fraction * n)
     fraction: float = 0.5
-    selection: str = "topk"           # topk (exact lmo) | released (top-k of raw scores) | negative_filtering | random
-    filter_frac: float = 1.0          # negative_filtering: fraction of the negative-score samples dropped
-    groups: str = ""                  # "" (from the rule) | layer | sublayer | block | global | custom
-    custom_groups: list[list[str]] = field(default_factory=list)   # fnmatch patterns over hooked module names
-    subset_mode: str = "one_pass"     # one_pass | two_pass (GREATS; global_subset only)
-    scoring: str = "exact"            # exact | sketched (LoGra) | auto (cost model, drpt.md 1.5)
+    selection: str = "topk"          # topk (exact lmo) | released (top-k of raw scores) | negative_filtering | random
+    filter_frac: float = 1.0         # negative_filtering: drop this fraction of the negative-score samples
+    groups: str = ""                 # "" (from the rule) | layer | sublayer | block | global | custom
+    custom_groups: list[list[str]] = field(default_factory=list)   # lists of fnmatch patterns over hooked module names
+    subset_mode: str = "one_pass"    # one_pass | two_pass (GREATS: score, then a pass on the subset alone)
+    scoring: str = "exact"           # exact | sketched | auto
     sketch_rank: int = 64
-    projection_set: str = "hull"      # projection rule: hull | cone | span | gem | agem | subset | point
+    projection_set: str = "hull"     # projection rule: hull | cone | span | gem | agem | subset | point
     seed: int = 0
+
+    def validate(self) -> DataRegConfig:
+        for key, allowed in (("update_rule", RULES), ("selection", SELECTIONS), ("scoring", SCORINGS),
+                             ("subset_mode", SUBSET_MODES), ("projection_set", PROJECTION_SETS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"datareg.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
+        if self.groups not in ("",) + GROUPINGS:
+            raise ValueError(f"datareg.groups: expected one of {GROUPINGS} (or empty), got {self.groups!r}")
+        if self.groups == "custom" and not self.custom_groups:
+            raise ValueError("datareg.custom_groups: groups=custom needs at least one list of module patterns")
+        if not isinstance(self.k, int) or self.k < 0:
+            raise ValueError(f"datareg.k: expected an integer >= 0 (0: use fraction), got {self.k!r}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"datareg.fraction: expected a number in (0, 1], got {self.fraction!r}")
+        if not 0.0 <= self.filter_frac <= 1.0:
+            raise ValueError(f"datareg.filter_frac: expected a number in [0, 1], got {self.filter_frac!r}")
+        if self.sketch_rank < 1:
+            raise ValueError(f"datareg.sketch_rank: expected >= 1, got {self.sketch_rank}")
+        if self.subset_mode == "two_pass" and self.update_rule != "global_subset":
+            raise ValueError("datareg.subset_mode: two_pass is the GREATS rule and needs update_rule=global_subset")
+        return self
+
+    @property
+    def grouping(self) -> str:
+        return self.groups or DEFAULT_GROUPS.get(self.update_rule, "layer")
+
+    def k_for(self, n: int) -> int:
+        k = self.k if self.k else max(1, int(math.floor(self.fraction * n)))
+        if k > n:
+            raise ValueError(f"datareg.k: {k} is larger than the general batch of {n} samples")
+        return k
+
+
+@dataclass
+class DataregConfig(DataRegConfig):
+    """The `datareg:` section: a DataRegConfig (scale/datareg.py's options) plus where the target comes from."""
+
     target: str = "file"              # file (target_path, cycled) | batch (the batch's own gradient)
     target_path: str = ""
     target_batch_size: int = 1        # target examples per step (the released SFT code: 1)
@@ -229,9 +277,7 @@ def _validate_datareg(cfg: Config) -> None:
     d = cfg.datareg
     if d.update_rule == "full":
         return
-    from scale.datareg import DataRegConfig  # imports torch: only when the section is used
-
-    DataRegConfig(**{f.name: getattr(d, f.name) for f in dataclasses.fields(DataRegConfig)}).validate()
+    d.validate()
     _choice("datareg.target", d.target, ("file", "batch"))
     if d.target == "file" and not d.target_path:
         raise ValueError("datareg.target_path: required with datareg.target=file (a JSONL of target examples)")

@@ -46,72 +46,17 @@ import math
 import re
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scale.config import (  # noqa: E402  (the options live with the config schema, torch-free)
+    GROUPINGS,
+    DataRegConfig,
+)
 from theory import projection as tp
-
-RULES = ("full", "target_only", "global_subset", "blockwise_subset", "layerwise_subset", "projection")
-GROUPINGS = ("layer", "sublayer", "block", "global", "custom")
-SELECTIONS = ("topk", "released", "negative_filtering", "random")
-SCORINGS = ("exact", "sketched", "auto")
-SUBSET_MODES = ("one_pass", "two_pass")
-PROJECTION_SETS = ("hull", "cone", "span", "gem", "agem", "subset", "point")
-DEFAULT_GROUPS = {"global_subset": "global", "blockwise_subset": "block", "layerwise_subset": "layer",
-                  "projection": "layer"}
-
-
-@dataclass
-class DataRegConfig:
-    """The options of a data-regularised update (the ``datareg:`` config section mirrors these)."""
-
-    update_rule: str = "full"        # full | target_only | {global,blockwise,layerwise}_subset | projection
-    k: int = 0                       # samples kept per group; 0: floor(fraction * n)
-    fraction: float = 0.5
-    selection: str = "topk"          # topk (exact lmo) | released (top-k of raw scores) | negative_filtering | random
-    filter_frac: float = 1.0         # negative_filtering: drop this fraction of the negative-score samples
-    groups: str = ""                 # "" (from the rule) | layer | sublayer | block | global | custom
-    custom_groups: list = field(default_factory=list)   # lists of fnmatch patterns over hooked module names
-    subset_mode: str = "one_pass"    # one_pass | two_pass (GREATS: score, then a pass on the subset alone)
-    scoring: str = "exact"           # exact | sketched | auto
-    sketch_rank: int = 64
-    projection_set: str = "hull"     # projection rule: hull | cone | span | gem | agem | subset | point
-    seed: int = 0
-
-    def validate(self) -> DataRegConfig:
-        for key, allowed in (("update_rule", RULES), ("selection", SELECTIONS), ("scoring", SCORINGS),
-                             ("subset_mode", SUBSET_MODES), ("projection_set", PROJECTION_SETS)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"datareg.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
-        if self.groups not in ("",) + GROUPINGS:
-            raise ValueError(f"datareg.groups: expected one of {GROUPINGS} (or empty), got {self.groups!r}")
-        if self.groups == "custom" and not self.custom_groups:
-            raise ValueError("datareg.custom_groups: groups=custom needs at least one list of module patterns")
-        if not isinstance(self.k, int) or self.k < 0:
-            raise ValueError(f"datareg.k: expected an integer >= 0 (0: use fraction), got {self.k!r}")
-        if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"datareg.fraction: expected a number in (0, 1], got {self.fraction!r}")
-        if not 0.0 <= self.filter_frac <= 1.0:
-            raise ValueError(f"datareg.filter_frac: expected a number in [0, 1], got {self.filter_frac!r}")
-        if self.sketch_rank < 1:
-            raise ValueError(f"datareg.sketch_rank: expected >= 1, got {self.sketch_rank}")
-        if self.subset_mode == "two_pass" and self.update_rule != "global_subset":
-            raise ValueError("datareg.subset_mode: two_pass is the GREATS rule and needs update_rule=global_subset")
-        return self
-
-    @property
-    def grouping(self) -> str:
-        return self.groups or DEFAULT_GROUPS.get(self.update_rule, "layer")
-
-    def k_for(self, n: int) -> int:
-        k = self.k if self.k else max(1, int(math.floor(self.fraction * n)))
-        if k > n:
-            raise ValueError(f"datareg.k: {k} is larger than the general batch of {n} samples")
-        return k
 
 
 # ---------------------------------------------------------------------------------------------- layers
