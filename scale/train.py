@@ -778,4 +778,18 @@ class _VllmGenerator:
 
 def main(config_path: str, overrides: list[str]) -> dict:
     cfg = load_config(config_path, overrides)
-    return Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        _end_distributed()
+
+
+def _end_distributed() -> None:
+    """Tear the process group down before exit: gloo's threads otherwise abort the interpreter
+    ("terminate called without an active exception") on some exits."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -350,7 +350,12 @@ def ddp_worker(out: str):
 def test_two_processes_select_and_step_like_one(tmp_path):
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+    import socket
+
+    with socket.socket() as sock:  # a free port, not a fixed one that another run may hold
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(Path(__file__)), str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -372,6 +377,9 @@ def test_two_processes_select_and_step_like_one(tmp_path):
 
 if __name__ == "__main__":
     ddp_worker(sys.argv[1])
+    from scale.train import _end_distributed
+
+    _end_distributed()
 
 
 # ---------------------------------------------------------------------------------------------- the trainer

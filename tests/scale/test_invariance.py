@@ -145,3 +145,6 @@ if __name__ == "__main__":
     res["num_processes"] = PartialState().num_processes
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save(res, sys.argv[3])
+    from scale.train import _end_distributed
+
+    _end_distributed()
