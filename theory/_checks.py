@@ -29,3 +29,10 @@ def real_array(name: str, value, ndim: int) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: contains NaN or infinite values")
     return arr
+
+
+def positive_int(name: str, value) -> int:
+    """A positive integer (a group size, a batch size); bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)

@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from theory._checks import positive_int
+
 Tensor = torch.Tensor
 
 
@@ -111,8 +113,7 @@ def compute(name: str, rewards, group_size: int, **options) -> Tensor:
         rewards = rewards.to(torch.float64)
     if rewards.dim() != 1:
         raise ValueError(f"rewards: expected shape [B], got {tuple(rewards.shape)}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+    group_size = positive_int("group_size", group_size)
     if rewards.numel() % group_size:
         raise ValueError(f"group_size: B={rewards.numel()} rewards are not divisible by group_size={group_size}")
     if not bool(torch.isfinite(rewards).all()):

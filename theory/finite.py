@@ -32,10 +32,6 @@ from theory._checks import real_array
 _ATOL = 1e-9  # tolerance on probability vectors summing to one
 
 
-def _as_array(name, value, ndim) -> np.ndarray:
-    return real_array(name, value, ndim)
-
-
 def _check_distribution(name, p, axis=-1):
     if np.any(p < 0):
         raise ValueError(f"{name}: probabilities must be non-negative")
@@ -54,8 +50,8 @@ class FiniteProblem:
     stochastic: bool = False
 
     def __post_init__(self):
-        R = _as_array("rewards", self.rewards, 2)
-        rho = _as_array("context_probs", self.context_probs, 1)
+        R = real_array("rewards", self.rewards, 2)
+        rho = real_array("context_probs", self.context_probs, 1)
         if R.shape[0] != rho.shape[0] or R.shape[1] < 1:
             raise ValueError(f"rewards: expected shape [X, K] with X = len(context_probs) = {rho.shape[0]}, "
                              f"got {R.shape}")
@@ -66,7 +62,7 @@ class FiniteProblem:
             raise ValueError("rewards: with stochastic=True rewards are success probabilities in [0, 1]")
         beta = None
         if self.behaviour is not None:
-            beta = _as_array("behaviour", self.behaviour, 2)
+            beta = real_array("behaviour", self.behaviour, 2)
             if beta.shape != R.shape:
                 raise ValueError(f"behaviour: expected shape {R.shape} (that of rewards), got {beta.shape}")
             _check_distribution("behaviour", beta)
@@ -89,7 +85,7 @@ class FiniteProblem:
         return self.stochastic or bool(np.all((self.rewards == 0) | (self.rewards == 1)))
 
     def check_logits(self, logits, name="logits") -> np.ndarray:
-        theta = _as_array(name, logits, 2)
+        theta = real_array(name, logits, 2)
         if theta.shape != self.rewards.shape:
             raise ValueError(f"{name}: expected shape {self.rewards.shape} (that of rewards), got {theta.shape}")
         return theta
@@ -102,7 +98,7 @@ class FiniteProblem:
 
 def softmax_policy(logits) -> np.ndarray:
     """pi[x, a] = softmax(theta[x])[a], computed in log space."""
-    theta = _as_array("logits", logits, 2)
+    theta = real_array("logits", logits, 2)
     return np.exp(log_softmax(theta, axis=-1))
 
 
@@ -162,21 +158,21 @@ class LogLinearPolicy:
     features: np.ndarray
 
     def __post_init__(self):
-        object.__setattr__(self, "features", _as_array("features", self.features, 3))
+        object.__setattr__(self, "features", real_array("features", self.features, 3))
 
     @property
     def n_params(self) -> int:
         return self.features.shape[-1]
 
     def logits(self, params) -> np.ndarray:
-        psi = _as_array("params", params, 1)
+        psi = real_array("params", params, 1)
         if psi.shape[0] != self.n_params:
             raise ValueError(f"params: expected shape [{self.n_params}], got {psi.shape}")
         return self.features @ psi
 
     def pull_back(self, logit_vector) -> np.ndarray:
         """A gradient (or mean) with respect to the logits [X, K] -> with respect to psi [d]."""
-        g = _as_array("logit_vector", logit_vector, 2)
+        g = real_array("logit_vector", logit_vector, 2)
         return np.einsum("xad,xa->d", self.features, g)
 
     def pull_back_cov(self, cov) -> np.ndarray:
@@ -245,7 +241,7 @@ class SequenceProblem:
 
     def token_logp(self, logits) -> np.ndarray:
         """[S, T] log pi(y_t | y_<t), 0 at padding."""
-        theta = _as_array("logits", logits, 2)
+        theta = real_array("logits", logits, 2)
         if theta.shape != self.shape:
             raise ValueError(f"logits: expected shape {self.shape} (prefixes x vocab), got {theta.shape}")
         lp = log_softmax(theta, axis=-1)[self.prefix_ids, self.tokens]
@@ -256,7 +252,7 @@ class SequenceProblem:
 
     def scores(self, logits) -> np.ndarray:
         """[S, P, V]: grad_theta log pi(y) = sum_t (e_{y_t} - pi(. | y_<t)) at row prefix_t."""
-        pi = np.exp(log_softmax(_as_array("logits", logits, 2), axis=-1))
+        pi = np.exp(log_softmax(real_array("logits", logits, 2), axis=-1))
         S, T = self.tokens.shape
         out = np.zeros((S,) + self.shape)
         for t in range(T):

@@ -50,10 +50,6 @@ class ParetoFront(NamedTuple):
     f_dpo: np.ndarray    # [n]
 
 
-def _check_lam(lam) -> float:
-    return unit_interval("lam", lam)
-
-
 def _distribution(a, name: str, shape: tuple[int, ...]) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
     if a.shape != shape:
@@ -141,11 +137,11 @@ class LogLinearProblem:
         return np.einsum("k,kd,ke->de", c, self.pair_diff, self.pair_diff)
 
     def f_mix(self, theta, lam: float) -> np.ndarray:
-        lam = _check_lam(lam)
+        lam = unit_interval("lam", lam)
         return lam * self.f_dpo(theta) + (1.0 - lam) * self.f_sft(theta)
 
     def grad_mix(self, theta, lam: float) -> np.ndarray:
-        lam = _check_lam(lam)
+        lam = unit_interval("lam", lam)
         return lam * self.grad_dpo(theta) + (1.0 - lam) * self.grad_sft(theta)
 
     # ---- constants used by the bounds ---------------------------------------------------------------
@@ -187,7 +183,7 @@ class LogLinearProblem:
         (r . v = 0 for all r). An LP looks for v in the box [-1, 1]^d maximising sum_r -r . v subject to
         r . v <= 0; a positive optimum is a direction along which f decreases for ever.
         """
-        lam = _check_lam(lam)
+        lam = unit_interval("lam", lam)
         key = "sft" if lam == 0 else ("dpo" if lam == 1 else "mix")
         if key not in self._exists:
             R = self._recession_rows(lam)
@@ -231,7 +227,7 @@ class LogLinearProblem:
         Damped Newton in the coordinates of `_basis` (where the Hessian is positive definite), stopped
         when the Newton decrement^2 < 1e-20. Raises NoFiniteMinimiser when the infimum is not attained.
         """
-        lam = _check_lam(lam)
+        lam = unit_interval("lam", lam)
         if theta0 is None and lam in self._opt_cache:
             t, v = self._opt_cache[lam]
             return t.copy(), v
@@ -279,13 +275,13 @@ class LogLinearProblem:
 
     def pareto_front(self, lams: Sequence[float]) -> ParetoFront:
         """argmin f_mix,lam and its (f_sft, f_dpo) for each lam."""
-        lams = np.array([_check_lam(v) for v in np.atleast_1d(lams)])
+        lams = np.array([unit_interval("lam", v) for v in np.atleast_1d(lams)])
         thetas = np.stack([self.optimum(v)[0] for v in lams]) if lams.size else np.zeros((0, self.dim))
         return ParetoFront(lams, thetas, self.f_sft(thetas), self.f_dpo(thetas))
 
     def chebyshev_gap(self, theta, lam: float) -> np.ndarray:
         """MAXRIGHT's objective: max(lam (f_dpo - f*_dpo), (1 - lam) (f_sft - f*_sft))."""
-        lam = _check_lam(lam)
+        lam = unit_interval("lam", lam)
         ideal = self.ideal_point()
         return np.maximum(lam * (self.f_dpo(theta) - ideal[1]), (1 - lam) * (self.f_sft(theta) - ideal[0]))
 
@@ -296,7 +292,7 @@ class LogLinearProblem:
         equal (theory/README.md s3): the DPO gap falls and the SFT gap rises with mu, so Brent's method
         finds mu. At lam = 0 (or 1) any SFT (DPO) optimum has h = 0; the SFT (DPO) optimum is returned.
         """
-        lam = _check_lam(lam)
+        lam = unit_interval("lam", lam)
         ideal = self.ideal_point()
 
         def h(mu):
@@ -501,7 +497,7 @@ def sequential_lower_bound(problem: LogLinearProblem, lam: float, order: Sequenc
     stage 2 from each theta_i (i < I) and from theta*_A for J steps, and closes the infinite tails with
     Fejer monotonicity and non-expansiveness of gradient steps (proof in theory/README.md s3).
     """
-    lam = _check_lam(lam)
+    lam = unit_interval("lam", lam)
     if len(order) != 2 or order[0] == order[1]:
         raise ValueError(f"order: expected ('sft', 'dpo') or ('dpo', 'sft'), got {order!r}")
     A, B = order
@@ -574,7 +570,7 @@ def alright_rate_bound(problem: LogLinearProblem, lam: float, theta0, T: int, lr
     E f_mix(mean(theta_0..theta_{T-1})) - f* <= R^2 / (lr T) + lr sigma^2, where R = ||theta_0 - theta*||
     and sigma^2 = lam (1 - lam) (G_dpo + G_sft)^2 bounds the selection variance. lr=None takes
     min(1/(2L), R / (sigma sqrt T)), giving <= 2 R sigma / sqrt(T) once T is large."""
-    lam = _check_lam(lam)
+    lam = unit_interval("lam", lam)
     if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
         raise ValueError(f"T: expected a positive integer, got {T!r}")
     c = problem.constants()
@@ -594,7 +590,7 @@ def maxright_bound(problem: LogLinearProblem, lam: float, theta0, lrs) -> float:
     min_{t<T} h(theta_t) - h* <= (R^2 + G_h^2 sum a_t^2) / (2 sum a_t), h = `chebyshev_gap`,
     R = ||theta_0 - theta_c||, G_h = max(lam G_dpo, (1 - lam) G_sft), using
     sum a_t >= sum lrs / max(lam, 1 - lam) and sum a_t^2 <= sum lrs^2 / min(lam, 1 - lam)^2."""
-    lam = _check_lam(lam)
+    lam = unit_interval("lam", lam)
     if not 0 < lam < 1:
         raise ValueError(f"lam: the MAXRIGHT bound needs lam in (0, 1), got {lam}")
     lrs = np.asarray(lrs, dtype=np.float64)

@@ -39,6 +39,7 @@ import torch
 from scipy.special import gammaln, log_softmax
 from scipy.stats import binom
 
+from theory._checks import positive_int
 from theory.estimator import UPGE, preset
 from theory.finite import FiniteProblem, Objective
 
@@ -228,9 +229,7 @@ def _setup(est, problem, logits, G, sampling, old_logits, gate, advantage_table)
         raise ValueError(f"estimator: expected a theory.estimator.UPGE, got {type(est).__name__}")
     if not isinstance(problem, FiniteProblem):
         raise ValueError(f"problem: expected a theory.finite.FiniteProblem, got {type(problem).__name__}")
-    if isinstance(G, bool) or not isinstance(G, (int, np.integer)) or G < 1:
-        raise ValueError(f"group_size: expected a positive int, got {G!r}")
-    G = int(G)
+    G = positive_int("group_size", G)
     _check_choice("sampling", sampling, SCHEMES)
     theta = problem.check_logits(logits)
     old_theta = None if old_logits is None else problem.check_logits(old_logits, "old_logits")
@@ -536,8 +535,7 @@ def sequence_moments(estimator: UPGE, problem, logits, group_size: int, *, old_l
         raise ValueError(f"estimator: expected a theory.estimator.UPGE, got {type(estimator).__name__}")
     if not isinstance(problem, SequenceProblem):
         raise ValueError(f"problem: expected a theory.finite.SequenceProblem, got {type(problem).__name__}")
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
-        raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+    group_size = positive_int("group_size", group_size)
     if estimator.advantage == "given" or estimator.reference == "behaviour" or estimator.demo_reference:
         raise ValueError(f"estimator: {estimator.name!r} needs given advantages, a behaviour policy or "
                          "demonstrations, which sequence_moments does not provide")

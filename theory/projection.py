@@ -51,10 +51,6 @@ from theory._checks import real_array
 # ----------------------------------------------------------------------------- input checking
 
 
-def _to_np(x, name: str, ndim: int) -> np.ndarray:
-    return real_array(name, x, ndim)
-
-
 def _like(z: np.ndarray, g):
     """Return z as the type of g (numpy, or torch with g's dtype and device)."""
     if hasattr(g, "detach"):
@@ -67,7 +63,7 @@ def _like(z: np.ndarray, g):
 def _weights(w, n: int) -> np.ndarray:
     if w is None:
         return np.ones(n)
-    w = _to_np(w, "weights", 1)
+    w = real_array("weights", w, 1)
     if w.shape != (n,):
         raise ValueError(f"weights: expected shape ({n},) (one per row of G), got {w.shape}")
     if np.any(w <= 0):
@@ -133,7 +129,7 @@ class _RowsSet(FeasibleSet):
     """A set built from the rows of G ([n, d]); caches the Gram matrix lazily."""
 
     def __init__(self, G):
-        self.G = _to_np(G, "G", 2)
+        self.G = real_array("G", G, 2)
         self._K = None
 
     @property
@@ -173,12 +169,12 @@ class Point(FeasibleSet):
     """The single point p. With p = the general mean it is the Full-Training rule."""
 
     def __init__(self, p):
-        self.p = _to_np(p, "p", 1)
+        self.p = real_array("p", p, 1)
 
     @classmethod
     def general_mean(cls, G, weights=None) -> Point:
         """The (token-)weighted mean of the rows of G: the Full-Training update."""
-        G = _to_np(G, "G", 2)
+        G = real_array("G", G, 2)
         if G.shape[0] == 0:
             raise ValueError("G: the general mean needs at least one row")
         w = _weights(weights, G.shape[0])
@@ -261,7 +257,7 @@ class HalfSpace(FeasibleSet):
     bounded = False
 
     def __init__(self, a, offset: float = 0.0):
-        self.a = _to_np(a, "a", 1)
+        self.a = real_array("a", a, 1)
         self.offset = float(offset)
         if not math.isfinite(self.offset):
             raise ValueError("offset: expected a finite number")
@@ -320,7 +316,7 @@ class Ball(FeasibleSet):
     """{z : ||z - center|| <= radius}. Closed forms for both maps."""
 
     def __init__(self, center, radius: float):
-        self.center = _to_np(center, "center", 1)
+        self.center = real_array("center", center, 1)
         if not (isinstance(radius, (int, float, np.floating, np.integer)) and math.isfinite(radius)
                 and radius >= 0):
             raise ValueError(f"radius: expected a finite number >= 0, got {radius!r}")
@@ -459,7 +455,7 @@ class Product(FeasibleSet):
 def _check(g, S) -> np.ndarray:
     if not isinstance(S, FeasibleSet):
         raise ValueError(f"S: expected a FeasibleSet, got {type(S).__name__}")
-    g = _to_np(g, "g", 1)
+    g = real_array("g", g, 1)
     if g.shape[0] != S.dim:
         raise ValueError(f"g: expected length {S.dim} (the set's dimension), got {g.shape[0]}")
     return g
@@ -490,8 +486,8 @@ def negative_filtering(g, G, frac: float = 1.0, weights=None):
     the (token-)weighted mean of the kept rows, or zeros when nothing is kept. With frac = 1 the kept set
     is an argmax of sum_{i in S} s_i over all subsets S.
     """
-    G_np = _to_np(G, "G", 2)
-    g_np = _to_np(g, "g", 1)
+    G_np = real_array("G", G, 2)
+    g_np = real_array("g", g, 1)
     if g_np.shape[0] != G_np.shape[1]:
         raise ValueError(f"g: expected length {G_np.shape[1]} (columns of G), got {g_np.shape[0]}")
     if not (isinstance(frac, (int, float)) and 0.0 <= frac <= 1.0):
@@ -508,7 +504,7 @@ def negative_filtering(g, G, frac: float = 1.0, weights=None):
 
 def support(g, S: FeasibleSet) -> float:
     """The support function max_{z in S} <g, z> (bounded sets only)."""
-    return float(_to_np(g, "g", 1) @ _to_np(lmo(g, S), "lmo", 1))
+    return float(real_array("g", g, 1) @ real_array("lmo", lmo(g, S), 1))
 
 
 # ----------------------------------------------------------------------------- moments of projected updates
@@ -535,8 +531,8 @@ class Moments:
 
 def update_moments(updates, truth) -> Moments:
     """Monte Carlo moments from samples of the update (rows of ``updates``, shape [m, d], m >= 2)."""
-    U = _to_np(updates, "updates", 2)
-    t = _to_np(truth, "truth", 1)
+    U = real_array("updates", updates, 2)
+    t = real_array("truth", truth, 1)
     m = U.shape[0]
     if m < 2:
         raise ValueError(f"updates: expected at least 2 samples, got {m}")
@@ -575,18 +571,18 @@ def moments(S: FeasibleSet, truth, *, mean=None, cov=None, samples=None, rule: s
     if rule not in ("project", "lmo"):
         raise ValueError(f"rule: expected 'project' or 'lmo', got {rule!r}")
     f = project if rule == "project" else lmo
-    t = _to_np(truth, "truth", 1)
+    t = real_array("truth", truth, 1)
     if t.shape[0] != S.dim:
         raise ValueError(f"truth: expected length {S.dim}, got {t.shape[0]}")
     if samples is not None:
-        X = _to_np(samples, "samples", 2)
+        X = real_array("samples", samples, 2)
         if X.shape[1] != S.dim:
             raise ValueError(f"samples: expected {S.dim} columns, got {X.shape[1]}")
         return update_moments(np.stack([f(x, S) for x in X]), t)
     if mean is None or cov is None:
         raise ValueError("mean, cov: give both (or samples)")
-    mu = _to_np(mean, "mean", 1)
-    C = _to_np(cov, "cov", 2)
+    mu = real_array("mean", mean, 1)
+    C = real_array("cov", cov, 2)
     d = S.dim
     if mu.shape != (d,) or C.shape != (d, d):
         raise ValueError(f"mean, cov: expected shapes ({d},) and ({d}, {d}), got {mu.shape}, {C.shape}")

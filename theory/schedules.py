@@ -59,10 +59,6 @@ def _check_step(step) -> int:
     return int(step)
 
 
-def _check_lam(lam) -> float:
-    return unit_interval("lam", lam)
-
-
 def _one_hot(chosen: str, names: Sequence[str]) -> dict[str, float]:
     return {n: (1.0 if n == chosen else 0.0) for n in names}
 
@@ -139,7 +135,7 @@ class Mix:
     objectives = ("sft", "dpo")
 
     def __init__(self, lam: float):
-        self.lam = _check_lam(lam)
+        self.lam = unit_interval("lam", lam)
 
     def weights(self, step: int, stats: Mapping[str, float] | None = None) -> dict[str, float]:
         _check_step(step)
@@ -162,7 +158,7 @@ class Alright:
     objectives = ("sft", "dpo")
 
     def __init__(self, lam: float, seed: int = 0):
-        self.lam = _check_lam(lam)
+        self.lam = unit_interval("lam", lam)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         self.seed = int(seed)
@@ -199,7 +195,7 @@ class Maxright:
     objectives = ("sft", "dpo")
 
     def __init__(self, lam: float, f_star: Mapping[str, float] | Sequence[float], k: int | None = 1):
-        self.lam = _check_lam(lam)
+        self.lam = unit_interval("lam", lam)
         if isinstance(f_star, Mapping):
             if set(f_star) != {"sft", "dpo"}:
                 raise ValueError(f"f_star: expected keys 'sft' and 'dpo', got {sorted(f_star)}")
