@@ -153,7 +153,7 @@ class RunConfig:
 RULES = ("full", "target_only", "global_subset", "blockwise_subset", "layerwise_subset", "projection")
 GROUPINGS = ("layer", "sublayer", "block", "global", "custom")
 SELECTIONS = ("topk", "released", "negative_filtering", "random")
-SCORINGS = ("exact", "sketched", "auto")
+SCORINGS = ("exact", "ghost", "matrix", "sketched", "auto")
 SUBSET_MODES = ("one_pass", "two_pass")
 PROJECTION_SETS = ("hull", "cone", "span", "gem", "agem", "subset", "point")
 DEFAULT_GROUPS = {"global_subset": "global", "blockwise_subset": "block", "layerwise_subset": "layer",
@@ -172,7 +172,7 @@ class DataRegConfig:
     groups: str = ""                 # "" (from the rule) | layer | sublayer | block | global | custom
     custom_groups: list[list[str]] = field(default_factory=list)   # lists of fnmatch patterns over hooked module names
     subset_mode: str = "one_pass"    # one_pass | two_pass (GREATS: score, then a pass on the subset alone)
-    scoring: str = "exact"           # exact | sketched | auto
+    scoring: str = "exact"           # exact (cheaper of ghost / matrix) | ghost | matrix | sketched | auto
     sketch_rank: int = 64
     projection_set: str = "hull"     # projection rule: hull | cone | span | gem | agem | subset | point
     seed: int = 0

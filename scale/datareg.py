@@ -44,6 +44,7 @@ import dataclasses
 import fnmatch
 import math
 import re
+import time
 import types
 from collections.abc import Callable
 
@@ -157,9 +158,16 @@ class DataReg:
         self.all_params = [p for p in model.parameters() if p.requires_grad]
         self.mode = "off"
         self.step_count = 0
-        self._sketch: dict[int, tuple] = {}
+        self._hooked = [p for m in self.layers for p in (m.weight, m.bias) if p is not None]
+        self._sketch: dict = {}
         self.info: dict = {}
+        self.attach()
+
+    def attach(self):
+        """Patch the hooked layers' forwards (done by the constructor; again after ``close``)."""
         for i, m in enumerate(self.layers):
+            if hasattr(m, "_datareg_forward"):
+                raise ValueError(f"layer {self.names[i]!r} is already hooked by another DataReg engine")
             m._datareg_forward = m.forward
             m.forward = types.MethodType(_patched_forward(self, i), m)
 
@@ -214,6 +222,7 @@ class DataReg:
         n_local = weights.shape[0]
         rows = sample_of_row if sample_of_row is not None else torch.arange(n_local)
         self._rows = rows.to(torch.long)
+        self._rows_identity = bool(torch.equal(self._rows, torch.arange(n_local)))
         self._n_local = n_local
         self.off, self.N, self.w_all = self._layout(n_local, weights)
         self.W = float(self.w_all.sum())
@@ -236,7 +245,9 @@ class DataReg:
                     if target_loss is None:
                         raise ValueError("target_loss: the subset and projection rules need a target set "
                                          "(or target_loss='batch')")
-                    self._capture_target(target_loss())
+                    t0 = time.perf_counter()
+                    self._capture_target(target_loss)
+                    self.info["target_seconds"] = time.perf_counter() - t0
                 self._start()
                 if cfg.subset_mode == "two_pass":
                     self._two_pass(general_loss)
@@ -249,45 +260,64 @@ class DataReg:
                         self.mode = "off"
                     self._check_complete()
                     self._reduce_grads()
+            self.info["scoring"] = {m: self.scoring.count(m) for m in sorted(set(self.scoring))}
         self.step_count += 1
         return self.info
 
-    def _capture_target(self, loss: torch.Tensor):
-        params = [p for m in self.layers for p in (m.weight, m.bias) if p is not None]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        it = iter(grads)
-        self.target = []
-        for m in self.layers:
-            gw = next(it)
-            gb = next(it) if m.bias is not None else None
-            if gw is None:
-                raise ValueError("target_loss: a hooked layer got no target gradient (is it used in the forward?)")
-            self.target.append((gw.detach(), None if gb is None else gb.detach()))
-        self._compress_targets()
+    def _capture_target(self, target_loss: Callable):
+        """A backward of the target loss in which each hooked layer keeps only its scoring form of the target
+        (``_set_target``) and accumulates no gradient; un-hooked parameters are not differentiated."""
+        self._reset_targets()
+        self.mode = "target"
+        try:
+            target_loss().backward(inputs=self._hooked)
+        finally:
+            self.mode = "off"
+        missing = [self.names[i] for i, t in enumerate(self.tc) if t is None]
+        if missing:
+            raise ValueError(f"target_loss: hooked layers {missing[:3]} got no target gradient (are they used in "
+                             "the forward?)")
 
-    def _compress_targets(self):
-        """Per layer: the scoring method and the target in its space."""
-        self.scoring = []
-        self.tc = []
-        for i, (gw, _) in enumerate(self.target):
-            O, I = gw.shape
-            method = self._method(O, I)
-            self.scoring.append(method)
-            if method == "exact":
-                self.tc.append(gw)
-            else:
-                PI, PO = self._projections(i, I, O, gw)
-                t = gw if PO is None else PO.T @ gw
-                self.tc.append(t if PI is None else t @ PI)
-        self.info["sketched_layers"] = sum(m == "sketched" for m in self.scoring)
+    def _reset_targets(self):
+        L = len(self.layers)
+        self.tc, self.tb, self.scoring = [None] * L, [None] * L, [None] * L
 
-    def _method(self, O: int, I: int) -> str:
+    def _set_target(self, i: int, xf: torch.Tensor, df: torch.Tensor, summed: bool):
+        """Layer i's target in the form its scoring uses, from the target factors xf [V, I], df [V, O]:
+        ghost -> the factors themselves; matrix -> G_T = df^T xf [O, I]; sketched -> (df P_O)^T (xf P_I).
+        summed: the factors are this process's share of a target summed over processes (the batch target),
+        so only the matrix and sketched forms (linear in G_T) are possible, reduced here."""
+        O, I = df.shape[1], xf.shape[1]
+        method = self._method(O, I, None if summed else xf.shape[0])
+        if method == "ghost":
+            t = (xf.detach(), df.detach())
+        elif method == "matrix":
+            t = df.T @ xf
+        else:
+            PI, PO = self._projections(i, I, O, xf)
+            t = (df if PO is None else df @ PO).T @ (xf if PI is None else xf @ PI)
+        gb = df.sum(0) if self.layers[i].bias is not None else None
+        if summed:
+            t, gb = self._sum(t), (None if gb is None else self._sum(gb))
+        self.tc[i], self.tb[i], self.scoring[i] = t, gb, method
+
+    def _method(self, O: int, I: int, V: int | None) -> str:
+        """The cheapest allowed scoring form by FLOPs per general token (drpt.md 1.5): ghost V*(I+O) (V target
+        tokens), matrix O*I, sketched I*r + O*r + r*r (a side <= r uses the identity). ghost and matrix
+        are exact; the projection rule needs the explicit G_T (matrix)."""
+        if self.cfg.update_rule == "projection":
+            return "matrix"
         r = self.cfg.sketch_rank
-        if self.cfg.scoring != "auto":
-            return self.cfg.scoring
         rI, rO = min(r, I), min(r, O)
-        sketched = (I * rI if I > r else 0) + (O * rO if O > r else 0) + rI * rO
-        return "sketched" if sketched < O * I else "exact"
+        cost = {"matrix": O * I, "sketched": (I * rI if I > r else 0) + (O * rO if O > r else 0) + rI * rO}
+        if V is not None:
+            cost["ghost"] = V * (I + O)
+        allowed = [m for m in {"exact": ("ghost", "matrix"), "auto": tuple(cost)}.get(
+            self.cfg.scoring, (self.cfg.scoring,)) if m in cost]
+        if not allowed:
+            raise ValueError("datareg.scoring: ghost needs the target's own factors; the batch target is a sum "
+                             "over processes (use exact, matrix, sketched or auto)")
+        return min(allowed, key=cost.get)
 
     def _projections(self, i: int, I: int, O: int, like: torch.Tensor):
         if i not in self._sketch:
@@ -307,20 +337,25 @@ class DataReg:
         self.buffer: list[dict] = [{} for _ in self.groups]
         self.scores = [torch.zeros(self._n_local, dtype=torch.float64) for _ in self.groups]
         self.selected: list = [None] * len(self.groups)
+        if self._batch_target:
+            self._reset_targets()
 
     # ------------------------------------------------------------------ inside the backward
     def _arrive(self, i: int, x: torch.Tensor, delta: torch.Tensor):
-        if self.mode == "off":
+        if self.mode == "off":  # a graph recorded by the engine, differentiated outside its step: ordinary
             xf, df = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
             return df.T @ xf, df.sum(0)
+        if self.mode == "target":
+            self._set_target(i, x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1]), summed=False)
+            return None, None
         B = x.shape[0]
         if B != self._rows.shape[0] or x.dim() < 2:
             raise ValueError(f"layer {self.names[i]!r}: input of shape {tuple(x.shape)} does not have the "
                              f"{self._rows.shape[0]} rows of the batch first")
         x3, d3 = x.reshape(B, -1, x.shape[-1]), delta.reshape(B, -1, delta.shape[-1])
         q = self.group_of[i]
-        if self._batch_target:
-            self._batch_target_layer(i, x3, d3)
+        if self._batch_target:  # the batch's own (global) gradient of this layer
+            self._set_target(i, x3.reshape(-1, x3.shape[-1]), d3.reshape(-1, d3.shape[-1]), summed=True)
         if self.mode == "project":
             self.buffer[q][i] = self._per_sample(i, x3, d3)
         else:
@@ -332,42 +367,29 @@ class DataReg:
             self._finish_group(q)
         return None, None
 
-    def _batch_target_layer(self, i, x3, d3):
-        """Target = the batch's own (global) gradient of this layer: computed here, summed over processes."""
-        if not hasattr(self, "target") or self._target_step != self.step_count:
-            self.target, self.scoring, self.tc, self._target_step = [None] * len(self.layers), [None] * len(
-                self.layers), [None] * len(self.layers), self.step_count
-        xf, df = x3.reshape(-1, x3.shape[-1]), d3.reshape(-1, d3.shape[-1])
-        gw = self._sum(df.T @ xf)
-        gb = self._sum(df.sum(0)) if self.layers[i].bias is not None else None
-        self.target[i] = (gw, gb)
-        O, I = gw.shape
-        self.scoring[i] = self._method(O, I)
-        if self.scoring[i] == "exact":
-            self.tc[i] = gw
-        else:
-            PI, PO = self._projections(i, I, O, gw)
-            t = gw if PO is None else PO.T @ gw
-            self.tc[i] = t if PI is None else t @ PI
-
     def _layer_scores(self, i, x3, d3) -> torch.Tensor:
         """Raw per-sample scores r_i = <delta_i^T x_i, G_T> (+ bias term), float64, one per local sample."""
         dt = torch.promote_types(x3.dtype, torch.float32)
         x3, d3 = x3.to(dt), d3.to(dt)
-        t = self.tc[i].to(dt)
-        gb = self.target[i][1]
-        bias = d3.sum(1) @ gb.to(dt) if gb is not None else 0.0  # exact in both modes: O flops per token
-        if self.scoring[i] == "sketched":
-            PI, PO = self._projections(i, x3.shape[-1], d3.shape[-1], x3)
-            x3 = x3 if PI is None else x3 @ PI
-            d3 = d3 if PO is None else d3 @ PO
-        # contract through the smaller side of the target matrix
-        if t.shape[0] <= t.shape[1]:
-            per_row = torch.einsum("bto,bto->b", d3, x3 @ t.T)
+        gb, method, t = self.tb[i], self.scoring[i], self.tc[i]
+        per_row = (d3.sum(1) @ gb.to(dt)) if gb is not None else 0.0  # exact in every form: O flops per token
+        if method == "ghost":  # sum_{t,v} <x_t, x_v> <delta_t, delta_v>
+            xt, dtt = (f.to(dt) for f in t)
+            per_row = per_row + ((x3 @ xt.T) * (d3 @ dtt.T)).sum((1, 2))
         else:
-            per_row = torch.einsum("bti,bti->b", d3 @ t, x3)
-        per_row = per_row + bias
-        return torch.zeros(self._n_local, dtype=torch.float64).index_add_(0, self._rows, per_row.double().cpu())
+            if method == "sketched":
+                PI, PO = self._projections(i, x3.shape[-1], d3.shape[-1], x3)
+                x3 = x3 if PI is None else x3 @ PI
+                d3 = d3 if PO is None else d3 @ PO
+            t = t.to(dt)
+            if t.shape[0] <= t.shape[1]:  # contract through the smaller side of the target matrix
+                per_row = per_row + (d3 * (x3 @ t.T)).sum((1, 2))
+            else:
+                per_row = per_row + ((d3 @ t) * x3).sum((1, 2))
+        per_row = per_row.double().cpu()
+        if self._n_local == x3.shape[0] and self._rows_identity:
+            return per_row
+        return torch.zeros(self._n_local, dtype=torch.float64).index_add_(0, self._rows, per_row)
 
     def _per_sample(self, i, x3, d3) -> torch.Tensor:
         """[n_local, d_layer] per-sample gradients (weight then bias), the projection rule only."""
@@ -433,8 +455,8 @@ class DataReg:
         full = torch.zeros(self.N, G.shape[1], dtype=torch.float64)
         full[self.off:self.off + self._n_local] = G
         full = self._sum(full.to(self._device())).cpu() if self._world() > 1 else full
-        g = torch.cat([torch.cat([gw.reshape(-1), gb if gb is not None else gw.new_zeros(0)]).double().cpu()
-                       for gw, gb in (self.target[i] for i in layers)])
+        g = torch.cat([torch.cat([self.tc[i].reshape(-1), self.tb[i] if self.tb[i] is not None else
+                                  self.tc[i].new_zeros(0)]).double().cpu() for i in layers])
         z = torch.as_tensor(tp.project(g.numpy(), self._set(full.numpy())))
         self.info.setdefault("projected_norm", []).append(float(z.norm()))
         z = z / self._world()  # the gradients are summed over processes afterwards

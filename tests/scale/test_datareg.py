@@ -230,7 +230,7 @@ def test_exact_and_identity_sketch_agree(tiny):
                                     tiny["tgt"])
     sk, _, isk, eng_s = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=3, scoring="sketched",
                                                           sketch_rank=64), tiny["gen"], tiny["tgt"])
-    assert isk["sketched_layers"] == len(eng_s.layers)
+    assert isk["scoring"] == {"sketched": len(eng_s.layers)}
     for a, b in zip(eng_e.scores, eng_s.scores):  # rank >= every dimension: the sketch is the identity
         assert np.array_equal(np.argsort(a.numpy()), np.argsort(b.numpy()))
         assert torch.allclose(a, b, rtol=1e-10, atol=0)
@@ -251,12 +251,33 @@ def test_random_sketch_ranks_like_exact(tiny):
     assert np.mean(rhos) > 0.5, rhos
 
 
+def test_exact_forms_agree(tiny):
+    """The two exact forms, ghost (target factors) and matrix (explicit G_T), give the same scores."""
+    model = tiny["model"]
+    run = {}
+    for form in ("ghost", "matrix"):
+        _, _, info, eng = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=3, scoring=form),
+                                       tiny["gen"], tiny["tgt"])
+        assert info["scoring"] == {form: len(eng.layers)}
+        run[form] = (eng.scores, info["selected"])
+    for a, b in zip(run["ghost"][0], run["matrix"][0]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    assert run["ghost"][1] == run["matrix"][1]
+
+
 def test_auto_uses_the_cost_model():
     eng = DataReg.__new__(DataReg)
     eng.cfg = DataRegConfig(update_rule="layerwise_subset", scoring="auto", sketch_rank=64)
-    assert eng._method(64, 64) == "exact"            # identity sketch: nothing to save
-    assert eng._method(128, 64) == "exact"           # 128*64 + 64*64 > 128*64
-    assert eng._method(1024, 1024) == "sketched"     # 2*1024*64 + 64^2 << 1024^2
+    assert eng._method(64, 64, 1000) == "matrix"        # identity sketch: nothing to save; ghost 1000*128 > 64^2
+    assert eng._method(128, 64, 1000) == "matrix"       # 128*64 + 64*64 > 128*64
+    assert eng._method(1024, 1024, 1000) == "sketched"  # 2*1024*64 + 64^2 << 1024^2, ghost 2048*1000
+    assert eng._method(1024, 1024, 8) == "ghost"        # 8 target tokens: 8*2048 < sketch
+    assert eng._method(1024, 1024, None) == "sketched"  # a batch target has no factors to keep
+    eng.cfg = DataRegConfig(update_rule="layerwise_subset", scoring="exact")
+    assert eng._method(1024, 1024, 100) == "ghost" and eng._method(1024, 1024, 1000) == "matrix"
+    eng.cfg = DataRegConfig(update_rule="layerwise_subset", scoring="ghost")
+    with pytest.raises(ValueError, match="datareg.scoring"):
+        eng._method(64, 64, None)
 
 
 def test_full_is_the_ordinary_step(tiny):
