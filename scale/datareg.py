@@ -598,6 +598,7 @@ class TrainerHook:
         from scale.methods import Row, Terms, collate, local_counts, micro_loss, sft_estimator
 
         tr, eng = self.tr, self._engine()
+        eng.step_count = tr.step  # target cycling and the random control follow the trainer's (checkpointed) step
         dev, pad = tr.acc.device, tr.tok.pad_token_id
         seen: dict = {}
 

@@ -54,6 +54,19 @@ def test_resume_equals_uninterrupted(world, tmp_path, case):
     assert [r["loss"] for r in la] == [r["loss"] for r in lb]
 
 
+def test_resume_datareg_cycles_like_uninterrupted(world, tmp_path):
+    """The datareg engine's target cycling and random control follow the trainer's checkpointed step."""
+    extra = {"datareg.update_rule": "layerwise_subset", "datareg.selection": "random", "datareg.k": 2,
+             "datareg.target_path": str(world["target"])}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _run(world, full, "sft", "general", extra)
+    _run(world, cut, "sft", "general", extra, "run.stop_after=2")
+    _run(world, cut, "sft", "general", extra, "run.resume=true")
+    a, b = _final(full), _final(cut)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_crash_while_writing_keeps_previous_checkpoint(world, tmp_path, monkeypatch):
     from scale.train import Trainer
 
