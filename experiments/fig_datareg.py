@@ -6,6 +6,11 @@ General pool: toy.tasks general.jsonl (levels 1-4: additions, a*b+c, a*b-c); tar
 examples cycled one per step for the target gradient, AdamW with linear decay, the same step budget for
 every rule. Target-only trains on the 16 target examples (batch 8, cycled). The curve is the perplexity of
 64 held-out target examples (completion tokens) against steps, mean over seeds.
+
+Step budget: 400 steps (Target-only sees each of its 16 examples 200 times; the paper's 2600 steps of batch 8
+are 1300 times). A first version ran 150 steps (75 times), where Target-only had not yet turned upward
+(final/min 1.00); the longer budget was chosen after seeing that, to come closer to the paper's protocol,
+and the held rule (final/min > 1.1 for Target-only) was kept as it was.
 """
 
 from __future__ import annotations
@@ -109,7 +114,7 @@ def run(rule: str, seed: int, steps: int, eval_every: int, lr: float = 2e-3, n: 
     return xs, ppl
 
 
-def build(out: Path, seeds=(0, 1), steps: int = 150, eval_every: int = 10) -> FigureResult:
+def build(out: Path, seeds=(0, 1), steps: int = 400, eval_every: int = 20) -> FigureResult:
     torch.set_num_threads(1)
     curves = {}
     for label, rule in RULES.items():
@@ -132,7 +137,8 @@ def build(out: Path, seeds=(0, 1), steps: int = 150, eval_every: int = 10) -> Fi
     lw_best_pool = final["Layer-Wise Subset"] <= min(final["Global Subset"], final["Full-Training"])
     held = "yes" if order_ok and overfit > 1.1 else ("partly" if lw_best_pool or overfit > 1.1 else "no")
     finding = ("final perplexity " + ", ".join(f"{k} {final[k]:.2f} (min {best[k]:.2f})" for k in RULES)
-               + f"; Target-only final/min = {overfit:.2f} over {len(seeds)} seeds, {steps} steps")
+               + f"; Target-only final/min = {overfit:.2f} (overfitting threshold 1.1) over {len(seeds)} seeds, "
+               f"{steps} steps")
     caption = ("Held-out target perplexity against steps for the four update rules of the paper's SFT setting on "
                "the tiny model (general arithmetic pool -> subtraction, n=8, k=4, one target example per step). "
                "The paper (Llama-3.2-1B, drpt.md 1.6) finds Layer-Wise Subset lowest, Global Subset next, "

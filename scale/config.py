@@ -285,9 +285,6 @@ def _validate_datareg(cfg: Config) -> None:
         raise ValueError("datareg.target: target_only needs a target set (target=file)")
     if d.target_batch_size < 1:
         raise ValueError(f"datareg.target_batch_size: expected a positive integer, got {d.target_batch_size}")
-    if cfg.run.grad_accum != 1:
-        raise ValueError(f"run.grad_accum: datareg rules select over the whole batch in one backward; expected 1, "
-                         f"got {cfg.run.grad_accum}")
 
 
 def _choice(key, value, valid):

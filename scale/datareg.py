@@ -160,6 +160,7 @@ class DataReg:
         self.step_count = 0
         self._hooked = [p for m in self.layers for p in (m.weight, m.bias) if p is not None]
         self._sketch: dict = {}
+        self.tc = None  # per layer: the target in its scoring form (set by each target capture)
         self.info: dict = {}
         self.attach()
 
@@ -204,8 +205,9 @@ class DataReg:
 
     # ------------------------------------------------------------------ the step
     def step(self, general_loss: Callable, weights: torch.Tensor, target_loss: Callable | None = None,
-             sample_of_row: torch.Tensor | None = None, no_sync: Callable | None = None) -> dict:
-        """Fill ``.grad`` of every trainable parameter with the rule's update (summed over processes).
+             sample_of_row: torch.Tensor | None = None, no_sync: Callable | None = None,
+             new_target: bool = True, sync: bool = True) -> dict:
+        """Add the rule's update to ``.grad`` of every trainable parameter (summed over processes).
 
         general_loss(rows): the loss of this process's general rows (all when rows is None, else the given
         local row indices), normalised by the counts of the WHOLE global batch (its share of the global
@@ -213,6 +215,11 @@ class DataReg:
         set (the same on every process); the string "batch" takes the batch's own gradient as the target.
         sample_of_row [n_rows]: the local sample of each row (default: row i is sample i, e.g. DPO pairs
         map two rows to one sample). no_sync(): a context that turns off DDP's gradient sync.
+
+        Gradient accumulation: call once per micro-batch; each micro-batch is its own selection batch (k of
+        its samples), and its update, normalised by the whole batch, adds to ``.grad``. new_target=False
+        reuses the target captured by the previous call (target_only: adds no target gradient again), so the
+        target is computed once per optimizer step; sync=False leaves the cross-process sum to a later call.
         """
         cfg = self.cfg
         ctx = no_sync or contextlib.nullcontext
@@ -230,18 +237,18 @@ class DataReg:
         if cfg.update_rule == "full":
             with ctx():
                 general_loss(None).backward()
-            self._reduce_grads()
         elif cfg.update_rule == "target_only":
             if target_loss is None or target_loss == "batch":
                 raise ValueError("target_loss: target_only needs a target set")
-            with ctx():
-                target_loss().backward()  # identical on every process: no reduction
+            if new_target:
+                with ctx():  # identical on every process: divided by P before the sum over processes
+                    (target_loss() / self._world()).backward()
         else:
             if cfg.selection != "negative_filtering":
                 self.k = cfg.k_for(self.N)
             self._batch_target = target_loss == "batch"
             with ctx():
-                if not self._batch_target:
+                if not self._batch_target and new_target:
                     if target_loss is None:
                         raise ValueError("target_loss: the subset and projection rules need a target set "
                                          "(or target_loss='batch')")
@@ -259,8 +266,9 @@ class DataReg:
                     finally:
                         self.mode = "off"
                     self._check_complete()
-                    self._reduce_grads()
             self.info["scoring"] = {m: self.scoring.count(m) for m in sorted(set(self.scoring))}
+        if sync:
+            self._reduce_grads()
         self.step_count += 1
         return self.info
 
@@ -339,6 +347,8 @@ class DataReg:
         self.selected: list = [None] * len(self.groups)
         if self._batch_target:
             self._reset_targets()
+        elif self.tc is None:
+            raise ValueError("new_target: no target was captured before (the first call needs new_target=True)")
 
     # ------------------------------------------------------------------ inside the backward
     def _arrive(self, i: int, x: torch.Tensor, delta: torch.Tensor):
@@ -494,6 +504,7 @@ class DataReg:
             self.mode = "off"
         self._check_complete()
         sel = self.selected[0]
+        held = [p.grad for p in self.all_params]  # earlier micro-batches: kept out of the rescaling below
         for p in self.all_params:
             p.grad = None
         keep = torch.zeros(self.N, dtype=torch.bool)
@@ -505,7 +516,9 @@ class DataReg:
             for p in self.all_params:
                 if p.grad is not None:
                     p.grad.mul_(self.W / W_S)  # the loss was normalised by the whole batch's counts
-        self._reduce_grads()
+        for p, g in zip(self.all_params, held):
+            if g is not None:
+                _accumulate(p, g)
 
     def _check_complete(self):
         for q, layers in enumerate(self.group_layers):
@@ -593,12 +606,15 @@ class TrainerHook:
             weights.append(float(max(rw.n_scored, 1)) if token_mean.get(kind) else 1.0)
         return torch.tensor(sample_of_row), torch.tensor(weights, dtype=torch.float64)
 
-    def backward(self, rows, norms: dict) -> tuple[torch.Tensor, dict]:
-        """Gradients of this process's rows under the rule (grad_accum is 1); returns (loss, statistics)."""
+    def backward(self, rows, norms: dict, micro: int = 0, n_micro: int = 1) -> tuple[torch.Tensor, dict]:
+        """Add the rule's gradients of micro-batch ``micro`` (of ``n_micro``) of this process's rows; the
+        target is captured on the first micro-batch, the sum over processes done after the last. Returns
+        (loss, statistics)."""
         from scale.methods import Row, Terms, collate, local_counts, micro_loss, sft_estimator
 
         tr, eng = self.tr, self._engine()
-        eng.step_count = tr.step  # target cycling and the random control follow the trainer's (checkpointed) step
+        # target cycling and the random control follow the trainer's (checkpointed) step: resume is exact
+        eng.step_count = tr.step * n_micro + micro
         dev, pad = tr.acc.device, tr.tok.pad_token_id
         seen: dict = {}
 
@@ -613,7 +629,7 @@ class TrainerHook:
 
         def target_loss():
             b = self.cfg.target_batch_size
-            exs = [self.target[(eng.step_count * b + j) % len(self.target)] for j in range(b)]
+            exs = [self.target[(tr.step * b + j) % len(self.target)] for j in range(b)]
             trows = [Row(list(e["completion"]["input_ids"]), e["completion"]["prompt_len"], "sft") for e in exs]
             mb = collate(trows, pad, dev)
             lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], with_entropy=False)
@@ -623,7 +639,8 @@ class TrainerHook:
 
         sample_of_row, weights = self._samples(rows)
         info = eng.step(general_loss, weights, "batch" if self.cfg.target == "batch" else target_loss,
-                        sample_of_row=sample_of_row, no_sync=lambda: tr.acc.no_sync(tr.policy))
+                        sample_of_row=sample_of_row, no_sync=lambda: tr.acc.no_sync(tr.policy),
+                        new_target=micro == 0, sync=micro == n_micro - 1)
         self.last_info = {**info, "target_loss": seen.get("target")}
         loss, st = seen.get("out", (0.0, {}))
         return torch.tensor(loss), st

@@ -504,11 +504,11 @@ class Trainer:
         total = 0.0
         tokens = 0
         scale = r.grad_accum * self.P
-        for mb_rows in _split(rows, r.grad_accum):
+        for j, mb_rows in enumerate(_split(rows, r.grad_accum)):
             mb = collate(mb_rows, self.tok.pad_token_id, self.acc.device)
             tokens += int(mb["attention_mask"].sum())
             if getattr(self, "datareg", None) is not None:  # the rule's own backward (scale/datareg.py)
-                loss, st = self.datareg.backward(mb_rows, norms)
+                loss, st = self.datareg.backward(mb_rows, norms, j, r.grad_accum)
             else:
                 with self.acc.accumulate(self.policy):
                     lp, ent = self.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"],

@@ -207,6 +207,43 @@ def test_projection_rule_equals_project(tiny, name):
     assert close(got, want), float(np.abs(got - want).max())
 
 
+@pytest.mark.parametrize("rule,mode", [("layerwise_subset", "one_pass"), ("global_subset", "two_pass")])
+def test_accumulation_selects_per_micro_batch(tiny, rule, mode):
+    """Two micro-batches of one optimizer step: each selects among its own samples, its update is weighted by
+    its share of the batch, the target is captured once."""
+    model, G, g, w = tiny["model"], tiny["G"], tiny["g"], tiny["w"]
+    W, halves, calls = float(w.sum()), [np.arange(0, 3), np.arange(3, N_GEN)], []
+    _, target_loss = closures(model, tiny["gen"], tiny["tgt"])
+    model.zero_grad(set_to_none=True)
+    eng = DataReg(model, DataRegConfig(update_rule=rule, k=2, subset_mode=mode))
+    try:
+        for j, idx in enumerate(halves):
+            part = [tiny["gen"][i] for i in idx]
+
+            def general_loss(sel, part=part):
+                return nll_sum(model, part if sel is None else [part[i] for i in sel.tolist()]) / W
+
+            eng.step(general_loss, tokens(part), lambda: calls.append(1) or target_loss(), new_target=j == 0)
+    finally:
+        eng.close()
+    got = torch.cat([p.grad.reshape(-1) for p in hooked_params(model)]).numpy()
+    grp = coordinate_groups(model, eng.groups)
+    want = sum(w[idx].sum() / W * tp.lmo(g, tp.Product([tp.SubsetAverages(G[idx][:, q], 2, weights=w[idx])
+                                                        for q in grp], grp)) for idx in halves)
+    assert len(calls) == 1 and close(got, want), float(np.abs(got - want).max())
+
+
+def test_new_target_needs_a_first_capture(tiny):
+    model = tiny["model"]
+    general_loss, target_loss = closures(model, tiny["gen"], tiny["tgt"])
+    eng = DataReg(model, DataRegConfig(update_rule="layerwise_subset", k=2))
+    try:
+        with pytest.raises(ValueError, match="new_target"):
+            eng.step(general_loss, tokens(tiny["gen"]), target_loss, new_target=False)
+    finally:
+        eng.close()
+
+
 def test_two_pass_equals_one_pass_on_hooked_layers(tiny):
     model = tiny["model"]
     one, g1, i1, _ = engine_grads(model, DataRegConfig(update_rule="global_subset", k=3), tiny["gen"], tiny["tgt"])
@@ -404,15 +441,17 @@ if __name__ == "__main__":
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
-def test_cli_smoke_layerwise_subset(world, tmp_path):
-    """`ptlab train` with datareg.update_rule=layerwise_subset (sketched, k=2 of 4) on the general pool and
-    the target task: runs, parameters change, metrics are finite and logged."""
+@pytest.mark.parametrize("accum,k", [(1, 2), (2, 1)])
+def test_cli_smoke_layerwise_subset(world, tmp_path, accum, k):
+    """`ptlab train` with datareg.update_rule=layerwise_subset (sketched, k of the 4 / accum samples of each
+    micro-batch) on the general pool and the target task: runs, parameters change, metrics are finite."""
     from scale.config import load_config
     from scale.train import Trainer
 
     ov = base_overrides(world, "sft", "general", tmp_path / "run", **{
-        "datareg.update_rule": "layerwise_subset", "datareg.k": 2, "datareg.scoring": "sketched",
-        "datareg.sketch_rank": 8, "datareg.target_path": str(world["target"]), "run.save_model": True})
+        "datareg.update_rule": "layerwise_subset", "datareg.k": k, "datareg.scoring": "sketched",
+        "datareg.sketch_rank": 8, "datareg.target_path": str(world["target"]), "run.save_model": True,
+        "run.grad_accum": accum})
     tr = Trainer(load_config(None, ov))
     init = {k: v.detach().clone() for k, v in tr.policy.named_parameters()}
     tr.train()
@@ -420,17 +459,19 @@ def test_cli_smoke_layerwise_subset(world, tmp_path):
     assert len(m) == 2 and all(np.isfinite(x["loss"]) and np.isfinite(x["grad_norm"]) for x in m)
     assert any(not torch.equal(init[k], v) for k, v in tr.policy.named_parameters())
     assert len(tr.datareg.last_info["selected"]) == len(tr.datareg.engine.layers)
-    assert all(len(s) == 2 for s in tr.datareg.last_info["selected"])
+    assert all(len(s) == k for s in tr.datareg.last_info["selected"])
 
 
-def test_trainer_target_only_equals_training_on_the_target(world, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_trainer_target_only_equals_training_on_the_target(world, tmp_path, accum):
+    """With accumulation too: the target gradient is added once per optimizer step."""
     from scale.config import load_config
     from scale.train import Trainer
 
     common = {"run.batch_size": 2, "data.shuffle": False, "run.max_steps": 2, "model.dtype": "float64"}
     a = Trainer(load_config(None, base_overrides(world, "sft", "general", tmp_path / "a", **common, **{
         "datareg.update_rule": "target_only", "datareg.target_path": str(world["target"]),
-        "datareg.target_batch_size": 2})))
+        "datareg.target_batch_size": 2, "run.grad_accum": accum})))
     a.train()
     b = Trainer(load_config(None, base_overrides(world, "sft", "target", tmp_path / "b", **common)))
     b.train()
