@@ -11,15 +11,19 @@ gradient.
 How it runs without per-sample gradients. Every trainable ``nn.Linear`` (LoRA's ``lora_A`` / ``lora_B``
 included, each its own layer; the output embedding excluded, its input is not per row) is patched so that
 its forward is an autograd Function whose backward sees the layer input x [B, T, I] and the output
-gradient delta [B, T, O]. The per-sample weight gradient is g_i = delta_i^T x_i (a sum over tokens), so
+gradient delta [B, T, O]. The per-sample weight gradient is g_i = delta_i^T x_i (a sum over tokens), and
+its score against the target's G_T = sum_v delta_v^T x_v (v over the target tokens) takes one of three forms
+(proofs: theory/README.md section 5; names as drpt.md 1.5):
 
-    exact   (PIP)     r_i = sum_t delta_{i,t}^T G_T x_{i,t}         (G_T [O, I], the target weight gradient)
-    sketched (LoGra)  r_i = sum_t (P_O^T delta_{i,t})^T (P_O^T G_T P_I) (P_I^T x_{i,t})
+    matrix   (PIP)    r_i = sum_t delta_{i,t}^T G_T x_{i,t}                      O*I per token
+    ghost    (GIP)    r_i = sum_t sum_v (delta_{i,t} . delta_v)(x_{i,t} . x_v)   V*(I+O) per token
+    sketched (LoGra)  r_i = <(delta_i P_O)^T (x_i P_I), (delta_T P_O)^T (x_T P_I)> I*r + O*r + r*r per token
 
 with Gaussian P_I [I, r], P_O [O, r] (entries N(0, 1/r)); a side whose dimension is <= r uses the identity,
-so a rank at least every dimension makes the sketch exact. A bias adds sum_t delta_{i,t} . b_T. ``auto``
-picks, per layer, the cheaper of the two by the FLOPs per token of drpt.md 1.5: O*I (exact) against
-I*r_I + O*r_O + r_I*r_O (sketched). When the last layer of a group has arrived in the backward, the group's
+so a rank at least every dimension makes the sketch exact. A bias adds sum_t delta_{i,t} . b_T. ``exact``
+picks, per layer, the cheaper of matrix and ghost, ``auto`` the cheapest of the three. The target pass is a
+backward of the target loss in which each layer keeps only its form (the factors, G_T, or the r x r sketch)
+and no weight gradient. When the last layer of a group has arrived in the backward, the group's
 scores are summed, reduced over processes (every process then selects the same samples), a subset is
 chosen, and the selected weight gradient sum_{i in S} delta_i^T x_i is formed on the selected rows only and
 scaled by W / W_S (total over selected weights, e.g. token counts), so it equals a pass on S alone.
@@ -154,6 +158,12 @@ class DataReg:
             for n in g:
                 self.group_of[index[n]] = q
         self.layers = [self.modules[n] for n in self.names]
+        hooked = {id(m) for m in self.layers}
+        # modules with trainable parameters of their own that are not hooked (norms, embeddings, a tied head):
+        # with merged target rows they run the target rows on detached parameters (see ``_split_forward``)
+        self.others = [m for m in model.modules() if id(m) not in hooked
+                       and any(p.requires_grad for p in m.parameters(recurse=False))]
+        self.merged = 0  # target rows appended to the general rows in the current step (0: a separate pass)
         self.hooked_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
         self.all_params = [p for p in model.parameters() if p.requires_grad]
         self.mode = "off"
@@ -171,9 +181,12 @@ class DataReg:
                 raise ValueError(f"layer {self.names[i]!r} is already hooked by another DataReg engine")
             m._datareg_forward = m.forward
             m.forward = types.MethodType(_patched_forward(self, i), m)
+        for m in self.others:
+            m._datareg_forward = m.forward
+            m.forward = types.MethodType(_split_forward(self, m.forward), m)
 
     def close(self):
-        for m in self.layers:
+        for m in self.layers + self.others:
             if hasattr(m, "_datareg_forward"):
                 m.forward = m._datareg_forward
                 del m._datareg_forward
@@ -206,7 +219,7 @@ class DataReg:
     # ------------------------------------------------------------------ the step
     def step(self, general_loss: Callable, weights: torch.Tensor, target_loss: Callable | None = None,
              sample_of_row: torch.Tensor | None = None, no_sync: Callable | None = None,
-             new_target: bool = True, sync: bool = True) -> dict:
+             new_target: bool = True, sync: bool = True, merged: int = 0) -> dict:
         """Add the rule's update to ``.grad`` of every trainable parameter (summed over processes).
 
         general_loss(rows): the loss of this process's general rows (all when rows is None, else the given
@@ -220,6 +233,12 @@ class DataReg:
         its samples), and its update, normalised by the whole batch, adds to ``.grad``. new_target=False
         reuses the target captured by the previous call (target_only: adds no target gradient again), so the
         target is computed once per optimizer step; sync=False leaves the cross-process sum to a later call.
+
+        Merged target batch (drpt.md 1.5): merged=m > 0 and target_loss=None; general_loss(None) then runs ONE
+        forward over this process's general rows followed by the m target rows and returns the general loss
+        plus the target loss (each with its own normaliser). Rows do not interact, so each hooked layer reads
+        the target's factors off the last m rows of the same backward; un-hooked modules (norms, embeddings)
+        run the target rows on detached parameters, so they keep the general rows' gradient only.
         """
         cfg = self.cfg
         ctx = no_sync or contextlib.nullcontext
@@ -234,6 +253,22 @@ class DataReg:
         self.off, self.N, self.w_all = self._layout(n_local, weights)
         self.W = float(self.w_all.sum())
         self.info = {}
+        if merged and (target_loss is not None or cfg.update_rule in ("full", "target_only")
+                       or cfg.subset_mode == "two_pass"):
+            raise ValueError("merged: target rows merged into the general batch need a one-pass subset or "
+                             "projection rule and target_loss=None")
+        self.merged = merged
+        try:
+            self._run(general_loss, target_loss, ctx, new_target)
+        finally:
+            self.merged = 0
+        if sync:
+            self._reduce_grads()
+        self.step_count += 1
+        return self.info
+
+    def _run(self, general_loss: Callable, target_loss, ctx, new_target: bool):
+        cfg = self.cfg
         if cfg.update_rule == "full":
             with ctx():
                 general_loss(None).backward()
@@ -248,7 +283,7 @@ class DataReg:
                 self.k = cfg.k_for(self.N)
             self._batch_target = target_loss == "batch"
             with ctx():
-                if not self._batch_target and new_target:
+                if not self._batch_target and new_target and not self.merged:
                     if target_loss is None:
                         raise ValueError("target_loss: the subset and projection rules need a target set "
                                          "(or target_loss='batch')")
@@ -267,10 +302,6 @@ class DataReg:
                         self.mode = "off"
                     self._check_complete()
             self.info["scoring"] = {m: self.scoring.count(m) for m in sorted(set(self.scoring))}
-        if sync:
-            self._reduce_grads()
-        self.step_count += 1
-        return self.info
 
     def _capture_target(self, target_loss: Callable):
         """A backward of the target loss in which each hooked layer keeps only its scoring form of the target
@@ -345,7 +376,7 @@ class DataReg:
         self.buffer: list[dict] = [{} for _ in self.groups]
         self.scores = [torch.zeros(self._n_local, dtype=torch.float64) for _ in self.groups]
         self.selected: list = [None] * len(self.groups)
-        if self._batch_target:
+        if self._batch_target or self.merged:
             self._reset_targets()
         elif self.tc is None:
             raise ValueError("new_target: no target was captured before (the first call needs new_target=True)")
@@ -358,11 +389,15 @@ class DataReg:
         if self.mode == "target":
             self._set_target(i, x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1]), summed=False)
             return None, None
-        B = x.shape[0]
-        if B != self._rows.shape[0] or x.dim() < 2:
+        B, n = x.shape[0], self._rows.shape[0]
+        if B != n + self.merged or x.dim() < 2:
             raise ValueError(f"layer {self.names[i]!r}: input of shape {tuple(x.shape)} does not have the "
-                             f"{self._rows.shape[0]} rows of the batch first")
+                             f"{n + self.merged} rows of the batch first")
         x3, d3 = x.reshape(B, -1, x.shape[-1]), delta.reshape(B, -1, delta.shape[-1])
+        if self.merged:  # the last rows are the target's: copied, so the batch's activations are not kept
+            self._set_target(i, x3[n:].reshape(-1, x3.shape[-1]).clone(), d3[n:].reshape(-1, d3.shape[-1]),
+                             summed=False)
+            x3, d3 = x3[:n], d3[:n]
         q = self.group_of[i]
         if self._batch_target:  # the batch's own (global) gradient of this layer
             self._set_target(i, x3.reshape(-1, x3.shape[-1]), d3.reshape(-1, d3.shape[-1]), summed=True)
@@ -554,6 +589,26 @@ def _patched_forward(engine: DataReg, i: int):
         if engine.mode == "off" or not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         return _Linear.apply(x, self.weight, self.bias, engine, i)
+    return forward
+
+
+def _split_forward(engine: DataReg, original: Callable):
+    """Forward of an un-hooked module with parameters: with merged target rows, the general rows use the
+    parameters and the target rows detached copies (their gradient then reaches only the hooked layers)."""
+    def forward(self, *args, **kwargs):
+        m = engine.merged
+        if not m or engine.mode == "off" or not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        if len(args) != 1 or kwargs or not torch.is_tensor(args[0]):
+            raise ValueError(f"merged: un-hooked module {type(self).__name__} takes more than one tensor; use a "
+                             "separate target pass (merged=0)")
+        x, frozen = args[0], {k: p.detach() for k, p in self.named_parameters(recurse=False)}
+        engine.merged = 0  # functional_call calls this forward again: run the original there
+        try:
+            tail = torch.func.functional_call(self, frozen, (x[x.shape[0] - m:],))
+        finally:
+            engine.merged = m
+        return torch.cat([original(x[:x.shape[0] - m]), tail], 0)
     return forward
 
 

@@ -53,6 +53,11 @@ def build_world(seed: int = 0):
 
 def nll_sum(model, rows) -> torch.Tensor:
     """Sum over scored tokens of -log p (right padding)."""
+    return nll_rows(model, rows).sum()
+
+
+def nll_rows(model, rows) -> torch.Tensor:
+    """Per row: the sum over its scored tokens of -log p, from one forward of all rows (right padding)."""
     T = max(len(ids) for ids, _ in rows)
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     att = torch.zeros(len(rows), T, dtype=torch.long)
@@ -61,7 +66,7 @@ def nll_sum(model, rows) -> torch.Tensor:
         ids[i, :len(x)], att[i, :len(x)], sc[i, :len(x)] = x, 1, m
     logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
     lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return -(lp * sc[:, 1:]).sum()
+    return -(lp * sc[:, 1:]).sum(1)
 
 
 def tokens(rows) -> torch.Tensor:
@@ -231,6 +236,37 @@ def test_accumulation_selects_per_micro_batch(tiny, rule, mode):
     want = sum(w[idx].sum() / W * tp.lmo(g, tp.Product([tp.SubsetAverages(G[idx][:, q], 2, weights=w[idx])
                                                         for q in grp], grp)) for idx in halves)
     assert len(calls) == 1 and close(got, want), float(np.abs(got - want).max())
+
+
+@pytest.mark.parametrize("rule,k", [("layerwise_subset", 3), ("global_subset", 2)])
+def test_merged_target_rows_equal_a_separate_target_pass(tiny, rule, k):
+    """The target rows appended to the general batch (one forward and backward) give the same selection and
+    update as a separate target pass, un-hooked parameters included (they keep the general rows' gradient)."""
+    model, gen, tgt = tiny["model"], tiny["gen"], tiny["tgt"]
+    W, WT = float(tokens(gen).sum()), float(tokens(tgt).sum())
+    want, gw, iw, _ = engine_grads(model, DataRegConfig(update_rule=rule, k=k), gen, tgt)
+
+    def merged_loss(sel):
+        r = nll_rows(model, gen + tgt)
+        return r[:len(gen)].sum() / W + r[len(gen):].sum() / WT
+
+    model.zero_grad(set_to_none=True)
+    eng = DataReg(model, DataRegConfig(update_rule=rule, k=k))
+    try:
+        info = eng.step(merged_loss, tokens(gen), None, merged=len(tgt))
+    finally:
+        eng.close()
+    got = {name: p.grad for name, p in model.named_parameters()}
+    assert info["selected"] == iw["selected"]
+    assert len(eng.others) >= 5  # norms and the tied embedding / head
+    for name, g in gw.items():
+        assert torch.allclose(got[name], g, rtol=1e-9, atol=1e-12), name
+    eng = DataReg(model, DataRegConfig(update_rule="full"))
+    try:
+        with pytest.raises(ValueError, match="merged"):
+            eng.step(merged_loss, tokens(gen), None, merged=2)
+    finally:
+        eng.close()
 
 
 def test_new_target_needs_a_first_capture(tiny):
