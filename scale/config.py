@@ -216,6 +216,7 @@ class DataregConfig(DataRegConfig):
     target: str = "file"              # file (target_path, cycled) | batch (the batch's own gradient)
     target_path: str = ""
     target_batch_size: int = 1        # target examples per step (the released SFT code: 1)
+    merged_target: bool = False       # append the target rows to the general batch: one forward and backward
 
 
 @dataclass
@@ -285,6 +286,8 @@ def _validate_datareg(cfg: Config) -> None:
         raise ValueError("datareg.target: target_only needs a target set (target=file)")
     if d.target_batch_size < 1:
         raise ValueError(f"datareg.target_batch_size: expected a positive integer, got {d.target_batch_size}")
+    if d.merged_target and (d.target != "file" or d.update_rule == "target_only" or d.subset_mode == "two_pass"):
+        raise ValueError("datareg.merged_target: needs target=file and a one-pass subset or projection rule")
 
 
 def _choice(key, value, valid):

@@ -142,10 +142,14 @@ class DataReg:
     """Patches the hooked linears of ``model``; ``step`` fills ``.grad`` with the rule's update.
 
     Use the unwrapped model (patching is on the module instances, so a DDP wrapper sees it too). ``close``
-    restores the original forwards.
+    restores the original forwards. With merged target rows every un-hooked module with trainable
+    parameters of its own runs the target rows on detached parameters, splitting its input's first
+    dimension as rows; ``unsplit`` names modules left out of this, for a caller that applies them to other
+    shapes (a head on flattened tokens) and keeps the target rows off their parameters itself.
     """
 
-    def __init__(self, model: nn.Module, cfg: DataRegConfig, modules: dict[str, nn.Linear] | None = None):
+    def __init__(self, model: nn.Module, cfg: DataRegConfig, modules: dict[str, nn.Linear] | None = None,
+                 unsplit: tuple[nn.Module, ...] = ()):
         self.cfg = cfg.validate()
         self.modules = modules if modules is not None else hookable_linears(model)
         self.names = list(self.modules)
@@ -161,6 +165,7 @@ class DataReg:
         hooked = {id(m) for m in self.layers}
         # modules with trainable parameters of their own that are not hooked (norms, embeddings, a tied head):
         # with merged target rows they run the target rows on detached parameters (see ``_split_forward``)
+        hooked |= {id(m) for m in unsplit}
         self.others = [m for m in model.modules() if id(m) not in hooked
                        and any(p.requires_grad for p in m.parameters(recurse=False))]
         self.merged = 0  # target rows appended to the general rows in the current step (0: a separate pass)
@@ -469,7 +474,9 @@ class DataReg:
                 dev = x3.device
                 xs = x3.index_select(0, rows.to(dev)).reshape(-1, x3.shape[-1])
                 ds = d3.index_select(0, rows.to(dev)).reshape(-1, d3.shape[-1])
-                gw, gb = (ds.T @ xs).mul_(c), ds.sum(0).mul_(c)
+                # the rescaling inside the GEMM (beta=0 ignores the uninitialised input): no extra pass
+                gw = torch.addmm(xs.new_empty(ds.shape[1], xs.shape[1]), ds.T, xs, beta=0, alpha=c)
+                gb = ds.sum(0).mul_(c)
             else:
                 gw, gb = torch.zeros_like(m.weight), torch.zeros(d3.shape[-1], dtype=d3.dtype, device=d3.device)
             _accumulate(m.weight, gw)
@@ -613,6 +620,18 @@ def _split_forward(engine: DataReg, original: Callable):
 
 
 # ---------------------------------------------------------------------------------------------- trainer glue
+class _DetachedHead(nn.Module):
+    """A linear output head with detached parameters (the merged target rows' log-probs)."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.weight = head.weight.detach()
+        self.bias = None if head.bias is None else head.bias.detach()
+
+    def forward(self, h):
+        return F.linear(h, self.weight, self.bias)
+
+
 class TrainerHook:
     """The ``datareg:`` section inside ``scale.train.Trainer``: target data (loaded before the model), the
     engine (built on first use), and ``backward(rows, norms)``, which replaces the ordinary backward.
@@ -644,8 +663,21 @@ class TrainerHook:
             if kind not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU"):
                 raise ValueError(f"datareg: supported under DDP or one process, not {kind}")
             keys = [f.name for f in dataclasses.fields(DataRegConfig)]
-            self.engine = DataReg(self.tr._model(), DataRegConfig(**{k: getattr(self.cfg, k) for k in keys}))
+            model = self.tr._model()
+            head = model.get_output_embeddings()
+            if self.cfg.merged_target and not isinstance(head, nn.Linear):
+                raise ValueError("datareg.merged_target: the model's output head is not an nn.Linear")
+            # the head sees flattened scored tokens (scale.logprobs); merged target rows use _DetachedHead
+            self.engine = DataReg(model, DataRegConfig(**{k: getattr(self.cfg, k) for k in keys}),
+                                  unsplit=(head,) if head is not None else ())
         return self.engine
+
+    def _target_rows(self) -> list:
+        from scale.methods import Row
+
+        b, step = self.cfg.target_batch_size, self.tr.step
+        exs = [self.target[(step * b + j) % len(self.target)] for j in range(b)]
+        return [Row(list(e["completion"]["input_ids"]), e["completion"]["prompt_len"], "sft") for e in exs]
 
     def _samples(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         terms = self.tr.terms
@@ -665,7 +697,8 @@ class TrainerHook:
         """Add the rule's gradients of micro-batch ``micro`` (of ``n_micro``) of this process's rows; the
         target is captured on the first micro-batch, the sum over processes done after the last. Returns
         (loss, statistics)."""
-        from scale.methods import Row, Terms, collate, local_counts, micro_loss, sft_estimator
+        from scale.logprobs import selected_logprobs
+        from scale.methods import Terms, collate, local_counts, micro_loss, sft_estimator
 
         tr, eng = self.tr, self._engine()
         # target cycling and the random control follow the trainer's (checkpointed) step: resume is exact
@@ -682,20 +715,40 @@ class TrainerHook:
             seen.setdefault("out", (float(loss.detach()), st))  # statistics of the whole batch's pass
             return loss
 
-        def target_loss():
-            b = self.cfg.target_batch_size
-            exs = [self.target[(tr.step * b + j) % len(self.target)] for j in range(b)]
-            trows = [Row(list(e["completion"]["input_ids"]), e["completion"]["prompt_len"], "sft") for e in exs]
-            mb = collate(trows, pad, dev)
-            lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], with_entropy=False)
+        def target_nll(lp, ent, mb, trows):
             loss = micro_loss(lp, ent, mb, Terms(sft=sft_estimator("global_token_mean")), local_counts(trows))[0]
             seen.setdefault("target", float(loss.detach()))
             return loss
 
+        def target_loss():
+            trows = self._target_rows()
+            mb = collate(trows, pad, dev)
+            lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], with_entropy=False)
+            return target_nll(lp, ent, mb, trows)
+
+        def merged_loss(sel):
+            """One decoder pass over the general rows then the target rows; the head is applied to each part
+            (the target's at temperature 1 with detached weights, so only hooked layers see the target)."""
+            trows, n = self._target_rows(), len(rows)
+            mb = collate(list(rows) + trows, pad, dev)
+            pol = tr.acc.unwrap_model(tr.policy)
+            h, head = pol.hidden(mb["input_ids"], mb["attention_mask"]), pol.model.get_output_embeddings()
+            part = [{k: (v[:n] if i == 0 else v[n:]) if v is not None else None for k, v in mb.items()}
+                    for i in range(2)]
+            lp, ent = selected_logprobs(h[:n], head, part[0]["input_ids"], part[0]["score_mask"],
+                                        temperature=tr.cfg.generation.temperature, chunk=pol.chunk)
+            loss, st = micro_loss(lp, ent, part[0], tr.terms, norms)
+            seen.setdefault("out", (float(loss.detach()), st))
+            tlp, tent = selected_logprobs(h[n:], _DetachedHead(head), part[1]["input_ids"], part[1]["score_mask"],
+                                          chunk=pol.chunk, with_entropy=False)
+            return loss + target_nll(tlp, tent, part[1], trows)
+
         sample_of_row, weights = self._samples(rows)
-        info = eng.step(general_loss, weights, "batch" if self.cfg.target == "batch" else target_loss,
-                        sample_of_row=sample_of_row, no_sync=lambda: tr.acc.no_sync(tr.policy),
-                        new_target=micro == 0, sync=micro == n_micro - 1)
+        merged = self.cfg.merged_target
+        target = "batch" if self.cfg.target == "batch" else (None if merged else target_loss)
+        info = eng.step(merged_loss if merged else general_loss, weights, target, sample_of_row=sample_of_row,
+                        no_sync=lambda: tr.acc.no_sync(tr.policy), new_target=micro == 0,
+                        sync=micro == n_micro - 1, merged=len(self._target_rows()) if merged else 0)
         self.last_info = {**info, "target_loss": seen.get("target")}
         loss, st = seen.get("out", (0.0, {}))
         return torch.tensor(loss), st

@@ -97,15 +97,18 @@ class Policy(nn.Module):
 
     def forward(self, input_ids, attention_mask, score_mask, temperature: float = 1.0, with_entropy: bool = True,
                 entropy_grad: bool = True):
-        decoder = self.model.get_decoder()
+        return selected_logprobs(self.hidden(input_ids, attention_mask), self.model.get_output_embeddings(),
+                                 input_ids, score_mask, temperature=temperature, chunk=self.chunk,
+                                 with_entropy=with_entropy, entropy_grad=entropy_grad)
+
+    def hidden(self, input_ids, attention_mask) -> torch.Tensor:
+        """The decoder's last hidden states [B, T, H] (the head is applied by ``selected_logprobs``)."""
         if is_right_padded(attention_mask):
             # Causal attention: a token never sees the pads after it, and pads are never scored, so the mask
             # changes nothing that is returned; without it attention takes its causal path (no mask built).
             attention_mask = None
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return selected_logprobs(out.last_hidden_state, self.model.get_output_embeddings(), input_ids, score_mask,
-                                 temperature=temperature, chunk=self.chunk, with_entropy=with_entropy,
-                                 entropy_grad=entropy_grad)
+        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:

@@ -406,7 +406,7 @@ def engine_grads_no_target(model, tiny):
 
 # ---------------------------------------------------------------------------------------------- two processes
 DDP_CASES = [("layerwise_subset", "one_pass"), ("global_subset", "one_pass"), ("global_subset", "two_pass"),
-             ("blockwise_subset", "one_pass")]
+             ("blockwise_subset", "one_pass"), ("layerwise_subset", "merged")]  # merged: target rows appended
 
 
 def ddp_worker(out: str):
@@ -422,16 +422,21 @@ def ddp_worker(out: str):
         W = float(tokens(gen).sum())
         mine = gen[rank * N_GEN // P:(rank + 1) * N_GEN // P]
         ddp = acc.prepare(model)
-        eng = DataReg(model, DataRegConfig(update_rule=rule, k=3, subset_mode=mode))
+        merged = len(tgt) if mode == "merged" else 0
+        eng = DataReg(model, DataRegConfig(update_rule=rule, k=3, subset_mode="one_pass" if merged else mode))
 
-        def general_loss(sel, mine=mine, ddp=ddp, W=W):
+        def general_loss(sel, mine=mine, ddp=ddp, W=W, tgt=tgt, merged=merged):
+            if merged:  # one forward over this process's general rows and the (shared) target rows
+                r = nll_rows(ddp, mine + tgt)
+                return r[:len(mine)].sum() / W + r[len(mine):].sum() / float(tokens(tgt).sum())
             part = mine if sel is None else [mine[i] for i in sel.tolist()]
             return nll_sum(ddp, part) / W
 
         def target_loss(model=model, tgt=tgt):
             return nll_sum(model, tgt) / float(tokens(tgt).sum())
 
-        info = eng.step(general_loss, tokens(mine), target_loss, no_sync=lambda ddp=ddp: acc.no_sync(ddp))
+        info = eng.step(general_loss, tokens(mine), None if merged else target_loss,
+                        no_sync=lambda ddp=ddp: acc.no_sync(ddp), merged=merged)
         eng.close()
         with torch.no_grad():
             for p in model.parameters():
@@ -457,7 +462,7 @@ def test_two_processes_select_and_step_like_one(tmp_path):
     for rule, mode in DDP_CASES:
         model, gen, tgt = build_world()
         init = {k: v.detach().clone() for k, v in model.named_parameters()}
-        eng = DataReg(model, DataRegConfig(update_rule=rule, k=3, subset_mode=mode))
+        eng = DataReg(model, DataRegConfig(update_rule=rule, k=3, subset_mode=mode.replace("merged", "one_pass")))
         general_loss, target_loss = closures(model, gen, tgt)
         info = eng.step(general_loss, tokens(gen), target_loss)
         eng.close()
@@ -496,6 +501,28 @@ def test_cli_smoke_layerwise_subset(world, tmp_path, accum, k):
     assert any(not torch.equal(init[k], v) for k, v in tr.policy.named_parameters())
     assert len(tr.datareg.last_info["selected"]) == len(tr.datareg.engine.layers)
     assert all(len(s) == k for s in tr.datareg.last_info["selected"])
+
+
+@pytest.mark.parametrize("method,data", [("sft", "general"), ("dpo", "dpo"), ("rl", "rl")])
+def test_trainer_merged_target_equals_separate(world, tmp_path, method, data):
+    """datareg.merged_target (one pass over general + target rows) reaches the parameters of a separate
+    target pass, with the same selections."""
+    from scale.config import load_config
+    from scale.train import Trainer
+
+    common = {"run.batch_size": 4, "data.shuffle": False, "run.max_steps": 2, "model.dtype": "float64",
+              "datareg.update_rule": "layerwise_subset", "datareg.k": 2, "datareg.target_batch_size": 2,
+              "datareg.target_path": str(world["target"])}
+    runs = []
+    for merged in (False, True):
+        tr = Trainer(load_config(None, base_overrides(world, method, data, tmp_path / str(merged), **common,
+                                                      **{"datareg.merged_target": merged})))
+        tr.train()
+        runs.append(tr)
+    a, b = (dict(t.policy.named_parameters()) for t in runs)
+    assert runs[0].datareg.last_info["selected"] == runs[1].datareg.last_info["selected"]
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-10), k
 
 
 @pytest.mark.parametrize("accum", [1, 2])
