@@ -364,16 +364,19 @@ class DataReg:
         return min(allowed, key=cost.get)
 
     def _projections(self, i: int, I: int, O: int, like: torch.Tensor):
-        if i not in self._sketch:
+        """Layer i's Gaussian sketches (P_I, P_O; None: the identity), drawn in float64 from (seed, i) and kept
+        only in the dtype and device of use (another would draw the same values again)."""
+        key = (i, like.dtype, like.device)
+        if key not in self._sketch:
             r = self.cfg.sketch_rank
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i)
-            PI = None if I <= r else (torch.randn(I, r, generator=g, dtype=torch.float64) / math.sqrt(r))
-            PO = None if O <= r else (torch.randn(O, r, generator=g, dtype=torch.float64) / math.sqrt(r))
-            self._sketch[i] = (PI, PO)
-        key = (i, like.dtype, like.device)
-        if key not in self._sketch:  # cast once per dtype and device
-            self._sketch[key] = tuple(None if P is None else P.to(dtype=like.dtype, device=like.device)
-                                      for P in self._sketch[i])
+
+            def draw(n: int):
+                if n <= r:
+                    return None
+                P = torch.randn(n, r, generator=g, dtype=torch.float64) / math.sqrt(r)
+                return P.to(dtype=like.dtype, device=like.device)
+            self._sketch[key] = (draw(I), draw(O))
         return self._sketch[key]
 
     def _start(self):
