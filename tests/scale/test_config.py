@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,15 @@ def test_defaults_and_overrides():
     assert isinstance(c, Config) and c.run.lr == 1e-5 and c.method.rl.estimator_options == {"eps_high": 0.28}
     assert c.run.betas == [0.9, 0.95] and c.method.joint.order == ["dpo", "sft"]
     assert from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs").glob(
+    "*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    """Every shipped config, the papers' real-run ones included, passes the schema (no model is loaded)."""
+    cfg = load_config(str(path), [])
+    if path.name.startswith("drpt_"):
+        assert cfg.datareg.update_rule == "layerwise_subset" and cfg.datareg.merged_target
 
 
 @pytest.mark.parametrize("override,key", [
