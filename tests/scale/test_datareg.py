@@ -482,8 +482,8 @@ if __name__ == "__main__":
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
-@pytest.mark.parametrize("accum,k", [(1, 2), (2, 1)])
-def test_cli_smoke_layerwise_subset(world, tmp_path, accum, k):
+@pytest.mark.parametrize("accum,k,merged", [(1, 2, False), (2, 1, False), (2, 1, True)])
+def test_cli_smoke_layerwise_subset(world, tmp_path, accum, k, merged):
     """`ptlab train` with datareg.update_rule=layerwise_subset (sketched, k of the 4 / accum samples of each
     micro-batch) on the general pool and the target task: runs, parameters change, metrics are finite."""
     from scale.config import load_config
@@ -492,7 +492,7 @@ def test_cli_smoke_layerwise_subset(world, tmp_path, accum, k):
     ov = base_overrides(world, "sft", "general", tmp_path / "run", **{
         "datareg.update_rule": "layerwise_subset", "datareg.k": k, "datareg.scoring": "sketched",
         "datareg.sketch_rank": 8, "datareg.target_path": str(world["target"]), "run.save_model": True,
-        "run.grad_accum": accum})
+        "run.grad_accum": accum, "datareg.merged_target": merged})
     tr = Trainer(load_config(None, ov))
     init = {k: v.detach().clone() for k, v in tr.policy.named_parameters()}
     tr.train()
