@@ -143,7 +143,9 @@ def build(out: Path, seeds=(0, 1), steps: int = 400, eval_every: int = 20) -> Fi
                "the tiny model (general arithmetic pool -> subtraction, n=8, k=4, one target example per step). "
                "The paper (Llama-3.2-1B, drpt.md 1.6) finds Layer-Wise Subset lowest, Global Subset next, "
                "Full-Training highest among the pool-based rules, and Target-only dropping first then rising "
-               "(overfitting its 16 examples). Here: " + finding + ".")
+               "(overfitting its 16 examples). Here: " + finding + ". Target-only is the same run for every seed "
+               "(the same 16 examples in the same order from the same base; seeds change only the general-pool "
+               "draws), so its rise is one deterministic curve, and a mild one.")
     return FigureResult(files=["datareg_sft_ppl.png"], caption=caption, held=held, finding=finding,
                         extra={"final": final, "min": best})
 
