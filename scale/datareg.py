@@ -736,8 +736,7 @@ class TrainerHook:
             mb = collate(list(rows) + trows, pad, dev)
             pol = tr.acc.unwrap_model(tr.policy)
             h, head = pol.hidden(mb["input_ids"], mb["attention_mask"]), pol.model.get_output_embeddings()
-            part = [{k: (v[:n] if i == 0 else v[n:]) if v is not None else None for k, v in mb.items()}
-                    for i in range(2)]
+            part = [{k: None if v is None else v[sl] for k, v in mb.items()} for sl in (slice(0, n), slice(n, None))]
             lp, ent = selected_logprobs(h[:n], head, part[0]["input_ids"], part[0]["score_mask"],
                                         temperature=tr.cfg.generation.temperature, chunk=pol.chunk)
             loss, st = micro_loss(lp, ent, part[0], tr.terms, norms)
@@ -751,7 +750,7 @@ class TrainerHook:
         target = "batch" if self.cfg.target == "batch" else (None if merged else target_loss)
         info = eng.step(merged_loss if merged else general_loss, weights, target, sample_of_row=sample_of_row,
                         no_sync=lambda: tr.acc.no_sync(tr.policy), new_target=micro == 0,
-                        sync=micro == n_micro - 1, merged=len(self._target_rows()) if merged else 0)
+                        sync=micro == n_micro - 1, merged=self.cfg.target_batch_size if merged else 0)
         self.last_info = {**info, "target_loss": seen.get("target")}
         loss, st = seen.get("out", (0.0, {}))
         return torch.tensor(loss), st
