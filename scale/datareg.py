@@ -162,14 +162,12 @@ class DataReg:
             for n in g:
                 self.group_of[index[n]] = q
         self.layers = [self.modules[n] for n in self.names]
-        hooked = {id(m) for m in self.layers}
         # modules with trainable parameters of their own that are not hooked (norms, embeddings, a tied head):
         # with merged target rows they run the target rows on detached parameters (see ``_split_forward``)
-        hooked |= {id(m) for m in unsplit}
-        self.others = [m for m in model.modules() if id(m) not in hooked
+        skip = {id(m) for m in self.layers} | {id(m) for m in unsplit}
+        self.others = [m for m in model.modules() if id(m) not in skip
                        and any(p.requires_grad for p in m.parameters(recurse=False))]
         self.merged = 0  # target rows appended to the general rows in the current step (0: a separate pass)
-        self.hooked_params = {id(p) for m in self.layers for p in m.parameters(recurse=False)}
         self.all_params = [p for p in model.parameters() if p.requires_grad]
         self.mode = "off"
         self.step_count = 0
@@ -181,14 +179,13 @@ class DataReg:
 
     def attach(self):
         """Patch the hooked layers' forwards (done by the constructor; again after ``close``)."""
-        for i, m in enumerate(self.layers):
-            if hasattr(m, "_datareg_forward"):
-                raise ValueError(f"layer {self.names[i]!r} is already hooked by another DataReg engine")
+        patches = [(m, _patched_forward(self, i)) for i, m in enumerate(self.layers)]
+        patches += [(m, _split_forward(self, m.forward)) for m in self.others]
+        if any(hasattr(m, "_datareg_forward") for m, _ in patches):
+            raise ValueError("model: already patched by another DataReg engine (close it first)")
+        for m, new in patches:
             m._datareg_forward = m.forward
-            m.forward = types.MethodType(_patched_forward(self, i), m)
-        for m in self.others:
-            m._datareg_forward = m.forward
-            m.forward = types.MethodType(_split_forward(self, m.forward), m)
+            m.forward = types.MethodType(new, m)
 
     def close(self):
         for m in self.layers + self.others:
@@ -541,10 +538,9 @@ class DataReg:
     # ------------------------------------------------------------------ passes and reductions
     def _two_pass(self, general_loss: Callable):
         """GREATS: a scoring backward (no weight gradients), then a forward/backward on the subset alone."""
-        hooked = [p for m in self.layers for p in (m.weight, m.bias) if p is not None]
         self.mode = "score"
         try:
-            general_loss(None).backward(inputs=hooked)
+            general_loss(None).backward(inputs=self._hooked)
         finally:
             self.mode = "off"
         self._check_complete()
