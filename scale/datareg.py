@@ -5,7 +5,7 @@ per group Q of hooked layers (a layer, a decoder block, a custom list of layers,
 group's part of the update is the (token-weighted) average of the per-sample gradients of a subset S_Q
 chosen by the scores s_i^Q = <g_i^Q, g_T^Q> (top-k, negative filtering, random control), or, in the
 ``projection`` rule, the Euclidean projection of g_T^Q onto any ``theory.projection`` set built from the
-g_i^Q. Parameters that are not hooked (norms, embeddings, a tied LM head) keep the ordinary full-batch
+g_i^Q. Parameters that are not hooked (norms, a tied embedding / LM head) keep the ordinary full-batch
 gradient.
 
 How it runs without per-sample gradients. Every trainable ``nn.Linear`` (LoRA's ``lora_A`` / ``lora_B``
@@ -20,7 +20,9 @@ its score against the target's G_T = sum_v delta_v^T x_v (v over the target toke
     sketched (LoGra)  r_i = <(delta_i P_O)^T (x_i P_I), (delta_T P_O)^T (x_T P_I)> I*r + O*r + r*r per token
 
 with Gaussian P_I [I, r], P_O [O, r] (entries N(0, 1/r)); a side whose dimension is <= r uses the identity,
-so a rank at least every dimension makes the sketch exact. A bias adds sum_t delta_{i,t} . b_T. ``exact``
+so a rank at least every dimension makes the sketch exact. A bias adds sum_t delta_{i,t} . b_T. An untied
+input embedding (weight [V, H]) is hooked as well: its per-sample gradient puts delta_{i,t} in row id_{i,t},
+so r_i = sum_t delta_{i,t} . G_T[id_{i,t}], with G_T kept as the rows of the target's token ids. ``exact``
 picks, per layer, the cheaper of matrix and ghost, ``auto`` the cheapest of the three. The target pass is a
 backward of the target loss in which each layer keeps only its form (the factors, G_T, or the r x r sketch)
 and no weight gradient. When the last layer of a group has arrived in the backward, the group's
@@ -65,12 +67,18 @@ from theory import projection as tp
 
 
 # ---------------------------------------------------------------------------------------------- layers
-def hookable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Trainable nn.Linear modules whose input has the row batch first (the output embedding is excluded)."""
+def hookable_layers(model: nn.Module, embeddings: bool = True) -> dict[str, nn.Module]:
+    """Trainable layers whose input has the row batch first: nn.Linear (the output head excluded) and, with
+    ``embeddings``, plain nn.Embedding whose weight is not tied to the output head (a tied weight also
+    takes the head's gradient, so it keeps the ordinary gradient)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_w = getattr(head, "weight", None)
     out = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and mod is not head and mod.weight.requires_grad:
+            out[name] = mod
+        elif (embeddings and type(mod) is nn.Embedding and mod.weight.requires_grad and mod.weight is not head_w
+              and mod.max_norm is None and not mod.scale_grad_by_freq and not mod.sparse):
             out[name] = mod
     return out
 
@@ -119,6 +127,23 @@ def make_groups(names: list[str], grouping: str, custom: list | None = None) -> 
     return groups + [[n] for n in names if n not in taken]
 
 
+class _Embedding(torch.autograd.Function):
+    """F.embedding whose backward hands (ids, delta) to the engine (delta zero at padding_idx, as nn.Embedding)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, engine, idx):
+        ctx.save_for_backward(ids)
+        ctx.engine, ctx.idx, ctx.pad = engine, idx, padding_idx
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, delta):
+        (ids,) = ctx.saved_tensors
+        if ctx.pad is not None:
+            delta = delta.masked_fill((ids == ctx.pad)[..., None], 0)
+        return None, ctx.engine._arrive(ctx.idx, ids, delta)[0], None, None, None
+
+
 class _Linear(torch.autograd.Function):
     """y = x W^T + b; the backward returns grad_x as usual and hands (x, delta) to the engine, which returns
     the weight / bias gradients to use (None: the engine writes them itself, later)."""
@@ -151,7 +176,8 @@ class DataReg:
     def __init__(self, model: nn.Module, cfg: DataRegConfig, modules: dict[str, nn.Linear] | None = None,
                  unsplit: tuple[nn.Module, ...] = ()):
         self.cfg = cfg.validate()
-        self.modules = modules if modules is not None else hookable_linears(model)
+        # embeddings are not hooked in the projection rule: their per-sample gradients would be V x H each
+        self.modules = modules if modules is not None else hookable_layers(model, cfg.update_rule != "projection")
         self.names = list(self.modules)
         self.groups = make_groups(self.names, cfg.grouping, cfg.custom_groups)
         index = {n: i for i, n in enumerate(self.names)}
@@ -162,6 +188,7 @@ class DataReg:
             for n in g:
                 self.group_of[index[n]] = q
         self.layers = [self.modules[n] for n in self.names]
+        self.emb = [isinstance(m, nn.Embedding) for m in self.layers]
         # modules with trainable parameters of their own that are not hooked (norms, embeddings, a tied head):
         # with merged target rows they run the target rows on detached parameters (see ``_split_forward``)
         skip = {id(m) for m in self.layers} | {id(m) for m in unsplit}
@@ -171,7 +198,7 @@ class DataReg:
         self.all_params = [p for p in model.parameters() if p.requires_grad]
         self.mode = "off"
         self.step_count = 0
-        self._hooked = [p for m in self.layers for p in (m.weight, m.bias) if p is not None]
+        self._hooked = [p for m in self.layers for p in (m.weight, _bias(m)) if p is not None]
         self._sketch: dict = {}
         self.tc = None  # per layer: the target in its scoring form (set by each target capture)
         self.info: dict = {}
@@ -328,6 +355,9 @@ class DataReg:
         ghost -> the factors themselves; matrix -> G_T = df^T xf [O, I]; sketched -> (df P_O)^T (xf P_I).
         summed: the factors are this process's share of a target summed over processes (the batch target),
         so only the matrix and sketched forms (linear in G_T) are possible, reduced here."""
+        if self.emb[i]:
+            self._set_embedding_target(i, xf, df, summed)
+            return
         O, I = df.shape[1], xf.shape[1]
         method = self._method(O, I, None if summed else xf.shape[0])
         if method == "ghost":
@@ -337,10 +367,24 @@ class DataReg:
         else:
             PI, PO = self._projections(i, I, O, xf)
             t = (df if PO is None else df @ PO).T @ (xf if PI is None else xf @ PI)
-        gb = df.sum(0) if self.layers[i].bias is not None else None
+        gb = df.sum(0) if _bias(self.layers[i]) is not None else None
         if summed:
             t, gb = self._sum(t), (None if gb is None else self._sum(gb))
         self.tc[i], self.tb[i], self.scoring[i] = t, gb, method
+
+    def _set_embedding_target(self, i: int, ids: torch.Tensor, df: torch.Tensor, summed: bool):
+        """An embedding's target gradient has rows only at the target's token ids: kept as those rows and a
+        map id -> row (-1: absent); the batch target (summed over processes) keeps all V rows."""
+        V = self.layers[i].num_embeddings
+        if summed:
+            rows = self._sum(df.new_zeros(V, df.shape[1]).index_add_(0, ids, df))
+            pos = torch.arange(V, device=ids.device)
+        else:
+            u, inv = torch.unique(ids, return_inverse=True)
+            rows = df.new_zeros(len(u), df.shape[1]).index_add_(0, inv, df)
+            pos = torch.full((V,), -1, dtype=torch.long, device=ids.device)
+            pos[u] = torch.arange(len(u), device=ids.device)
+        self.tc[i], self.tb[i], self.scoring[i] = (pos, rows), None, "embedding"
 
     def _method(self, O: int, I: int, V: int | None) -> str:
         """The cheapest allowed scoring form by FLOPs per general token (drpt.md 1.5): ghost V*(I+O) (V target
@@ -388,24 +432,27 @@ class DataReg:
 
     # ------------------------------------------------------------------ inside the backward
     def _arrive(self, i: int, x: torch.Tensor, delta: torch.Tensor):
+        def flat(t):  # a layer input, tokens first: [tokens, I] (an embedding's ids: [tokens])
+            return t.reshape(-1) if self.emb[i] else t.reshape(-1, t.shape[-1])
+
+        df = delta.reshape(-1, delta.shape[-1])
         if self.mode == "off":  # a graph recorded by the engine, differentiated outside its step: ordinary
-            xf, df = x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1])
-            return df.T @ xf, df.sum(0)
+            return self._weight_grad(i, flat(x), df, 1.0), df.sum(0)
         if self.mode == "target":
-            self._set_target(i, x.reshape(-1, x.shape[-1]), delta.reshape(-1, delta.shape[-1]), summed=False)
+            self._set_target(i, flat(x), df, summed=False)
             return None, None
         B, n = x.shape[0], self._rows.shape[0]
-        if B != n + self.merged or x.dim() < 2:
+        if B != n + self.merged or x.dim() < (1 if self.emb[i] else 2):
             raise ValueError(f"layer {self.names[i]!r}: input of shape {tuple(x.shape)} does not have the "
                              f"{n + self.merged} rows of the batch first")
-        x3, d3 = x.reshape(B, -1, x.shape[-1]), delta.reshape(B, -1, delta.shape[-1])
+        x3 = x.reshape(B, -1) if self.emb[i] else x.reshape(B, -1, x.shape[-1])
+        d3 = delta.reshape(B, -1, delta.shape[-1])
         if self.merged:  # the last rows are the target's: copied, so the batch's activations are not kept
-            self._set_target(i, x3[n:].reshape(-1, x3.shape[-1]).clone(), d3[n:].reshape(-1, d3.shape[-1]),
-                             summed=False)
+            self._set_target(i, flat(x3[n:]).clone(), d3[n:].reshape(-1, d3.shape[-1]), summed=False)
             x3, d3 = x3[:n], d3[:n]
         q = self.group_of[i]
         if self._batch_target:  # the batch's own (global) gradient of this layer
-            self._set_target(i, x3.reshape(-1, x3.shape[-1]), d3.reshape(-1, d3.shape[-1]), summed=True)
+            self._set_target(i, flat(x3), d3.reshape(-1, d3.shape[-1]), summed=True)
         if self.mode == "project":
             self.buffer[q][i] = self._per_sample(i, x3, d3)
         else:
@@ -419,14 +466,19 @@ class DataReg:
 
     def _layer_scores(self, i, x3, d3) -> torch.Tensor:
         """Raw per-sample scores r_i = <delta_i^T x_i, G_T> (+ bias term), float64, one per local sample."""
-        dt = torch.promote_types(x3.dtype, torch.float32)
-        x3, d3 = x3.to(dt), d3.to(dt)
+        dt = torch.promote_types(d3.dtype, torch.float32)
+        d3 = d3.to(dt)
         gb, method, t = self.tb[i], self.scoring[i], self.tc[i]
         per_row = (d3.sum(1) @ gb.to(dt)) if gb is not None else 0.0  # exact in every form: O flops per token
-        if method == "ghost":  # sum_{t,v} <x_t, x_v> <delta_t, delta_v>
+        if method == "embedding":  # sum_t delta_t . G_T[id_t], over the ids the target has
+            p = t[0][x3]
+            per_row = (d3 * (t[1].to(dt)[p.clamp(min=0)] * (p >= 0)[..., None])).sum((1, 2))
+        elif method == "ghost":  # sum_{t,v} <x_t, x_v> <delta_t, delta_v>
+            x3 = x3.to(dt)
             xt, dtt = (f.to(dt) for f in t)
             per_row = per_row + ((x3 @ xt.T) * (d3 @ dtt.T)).sum((1, 2))
         else:
+            x3 = x3.to(dt)
             if method == "sketched":
                 PI, PO = self._projections(i, x3.shape[-1], d3.shape[-1], x3)
                 x3 = x3 if PI is None else x3 @ PI
@@ -444,7 +496,7 @@ class DataReg:
     def _per_sample(self, i, x3, d3) -> torch.Tensor:
         """[n_local, d_layer] per-sample gradients (weight then bias), the projection rule only."""
         g = torch.einsum("bto,bti->boi", d3, x3).reshape(x3.shape[0], -1)
-        if self.layers[i].bias is not None:
+        if _bias(self.layers[i]) is not None:
             g = torch.cat([g, d3.sum(1)], 1)
         g = g.double().cpu()
         return torch.zeros(self._n_local, g.shape[1], dtype=torch.float64).index_add_(0, self._rows, g)
@@ -471,17 +523,22 @@ class DataReg:
             x3, d3 = self.buffer[q].pop(i)
             m = self.layers[i]
             if len(rows) and c:
-                dev = x3.device
-                xs = x3.index_select(0, rows.to(dev)).reshape(-1, x3.shape[-1])
-                ds = d3.index_select(0, rows.to(dev)).reshape(-1, d3.shape[-1])
-                # the rescaling inside the GEMM (beta=0 ignores the uninitialised input): no extra pass
-                gw = torch.addmm(xs.new_empty(ds.shape[1], xs.shape[1]), ds.T, xs, beta=0, alpha=c)
+                xs, ds = (t.index_select(0, rows.to(t.device)) for t in (x3, d3))
+                ds = ds.reshape(-1, ds.shape[-1])
+                gw = self._weight_grad(i, xs.reshape(-1) if self.emb[i] else xs.reshape(-1, xs.shape[-1]), ds, c)
                 gb = ds.sum(0).mul_(c)
             else:
                 gw, gb = torch.zeros_like(m.weight), torch.zeros(d3.shape[-1], dtype=d3.dtype, device=d3.device)
             _accumulate(m.weight, gw)
-            if m.bias is not None:
+            if _bias(m) is not None:
                 _accumulate(m.bias, gb)
+
+    def _weight_grad(self, i: int, xf: torch.Tensor, df: torch.Tensor, c: float) -> torch.Tensor:
+        """c * (the weight gradient of tokens xf [tokens, I] (ids for an embedding) with output gradients df)."""
+        if self.emb[i]:
+            return df.new_zeros(self.layers[i].weight.shape).index_add_(0, xf, df, alpha=c)
+        # the rescaling inside the GEMM (beta=0 ignores the uninitialised input): no extra pass
+        return torch.addmm(xf.new_empty(df.shape[1], xf.shape[1]), df.T, xf, beta=0, alpha=c)
 
     def _device(self):
         return self.layers[0].weight.device
@@ -514,7 +571,7 @@ class DataReg:
         z = z / self._world()  # the gradients are summed over processes afterwards
         o = 0
         for i in layers:
-            for p in (self.layers[i].weight, self.layers[i].bias):
+            for p in (self.layers[i].weight, _bias(self.layers[i])):
                 if p is not None:
                     _accumulate(p, z[o:o + p.numel()].view_as(p).to(p.dtype).to(p.device))
                     o += p.numel()
@@ -590,7 +647,18 @@ def _accumulate(p: torch.Tensor, g: torch.Tensor):
         p.grad.add_(g)
 
 
+def _bias(m: nn.Module):
+    return getattr(m, "bias", None)
+
+
 def _patched_forward(engine: DataReg, i: int):
+    if engine.emb[i]:
+        def forward(self, ids):
+            if engine.mode == "off" or not torch.is_grad_enabled():
+                return F.embedding(ids, self.weight, self.padding_idx)
+            return _Embedding.apply(ids, self.weight, self.padding_idx, engine, i)
+        return forward
+
     def forward(self, x):
         if engine.mode == "off" or not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)

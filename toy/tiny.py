@@ -54,7 +54,7 @@ def make_tokenizer(vocab_size: int = 320):
 
 
 def make_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
-               intermediate_size: int = 128, max_positions: int = 256, seed: int = 0):
+               intermediate_size: int = 128, max_positions: int = 256, seed: int = 0, tie_embeddings: bool = True):
     """A randomly initialised Qwen2 causal LM sized for CPU tests (about 60k parameters by default)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -62,7 +62,7 @@ def make_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads:
     cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                       max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+                      eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=tie_embeddings)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from scale.datareg import DataReg, DataRegConfig, hookable_linears, make_groups
+from scale.datareg import DataReg, DataRegConfig, hookable_layers, make_groups
 from tests.scale.conftest import base_overrides, read_metrics
 from theory import projection as tp
 
@@ -28,14 +28,14 @@ ROOT = Path(__file__).resolve().parents[2]
 N_GEN = 6
 
 
-def build_world(seed: int = 0):
+def build_world(seed: int = 0, tie: bool = True):
     """(model, general rows, target rows); a row is (ids [T], scored mask [T])."""
     from toy.tasks import make_examples, make_mixed
     from toy.tiny import make_model, make_tokenizer
 
     tok = make_tokenizer()
     model = make_model(tok, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=24,
-                       seed=seed).double()
+                       seed=seed, tie_embeddings=tie).double()
 
     def rows(exs):
         out = []
@@ -87,7 +87,7 @@ def closures(model, gen, tgt):
 
 
 def hooked_params(model):
-    return [p for m in hookable_linears(model).values() for p in (m.weight, m.bias) if p is not None]
+    return [p for m in hookable_layers(model).values() for p in (m.weight, getattr(m, "bias", None)) if p is not None]
 
 
 def flat_grad(params, loss) -> torch.Tensor:
@@ -104,10 +104,10 @@ def reference(model, gen, tgt):
 
 def coordinate_groups(model, groups):
     """Flat-vector index arrays of each group (layers in hooked order, weight then bias)."""
-    mods = hookable_linears(model)
+    mods = hookable_layers(model)
     starts, o = {}, 0
     for name, m in mods.items():
-        size = sum(p.numel() for p in (m.weight, m.bias) if p is not None)
+        size = sum(p.numel() for p in (m.weight, getattr(m, "bias", None)) if p is not None)
         starts[name] = np.arange(o, o + size)
         o += size
     return [np.concatenate([starts[n] for n in g]) for g in groups]
@@ -381,6 +381,44 @@ def test_batch_target_is_the_general_mean(tiny):
     assert close(got, want)
 
 
+@pytest.fixture(scope="module")
+def untied():
+    model, gen, tgt = build_world(tie=False)
+    G, g, w = reference(model, gen, tgt)
+    return {"model": model, "gen": gen, "tgt": tgt, "G": G, "g": g, "w": w}
+
+
+@pytest.mark.parametrize("rule,k,target", [("layerwise_subset", 3, "set"), ("global_subset", 2, "set"),
+                                           ("layerwise_subset", 3, "batch")])
+def test_untied_embedding_is_hooked(untied, rule, k, target):
+    """An untied input embedding is its own hooked layer (scores from the target's token rows); the update is
+    still the lmo over the hooked parameters, the embedding's included."""
+    model, G, g, w = untied["model"], untied["G"], untied["g"], untied["w"]
+    got, _, info, eng = engine_grads(model, DataRegConfig(update_rule=rule, k=k), untied["gen"], untied["tgt"],
+                                     target=target)
+    assert "model.embed_tokens" in eng.names and info["scoring"]["embedding"] == 1
+    grp = coordinate_groups(model, eng.groups)
+    t = w @ G / w.sum() if target == "batch" else g
+    want = tp.lmo(t, tp.Product([tp.SubsetAverages(G[:, q], k, weights=w) for q in grp], grp))
+    assert close(got, want), float(np.abs(got - want).max())
+
+
+def test_untied_embedding_merged_equals_separate(untied):
+    model, gen, tgt = untied["model"], untied["gen"], untied["tgt"]
+    _, want, iw, _ = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=3), gen, tgt)
+    W, WT = float(tokens(gen).sum()), float(tokens(tgt).sum())
+    model.zero_grad(set_to_none=True)
+    eng = DataReg(model, DataRegConfig(update_rule="layerwise_subset", k=3))
+    try:
+        info = eng.step(lambda sel: (lambda r: r[:len(gen)].sum() / W + r[len(gen):].sum() / WT)(
+            nll_rows(model, gen + tgt)), tokens(gen), None, merged=len(tgt))
+    finally:
+        eng.close()
+    assert info["selected"] == iw["selected"]
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, want[name], rtol=1e-9, atol=1e-12), name
+
+
 def test_bad_input_is_named(tiny):
     model = tiny["model"]
     with pytest.raises(ValueError, match="datareg.k: 7 is larger than the general batch of 6"):
@@ -392,7 +430,7 @@ def test_bad_input_is_named(tiny):
         engine_grads_no_target(model, tiny)
     with pytest.raises(ValueError, match="datareg.update_rule"):
         DataRegConfig(update_rule="layerwise").validate()
-    names = list(hookable_linears(model))
+    names = list(hookable_layers(model))
     assert len(make_groups(names, "custom", [["*.0.*"]])) == 1 + len(names) // 2
 
 
@@ -567,7 +605,7 @@ def test_lora_adapters_are_hooked_as_their_own_layers():
     model, gen, tgt = build_world(seed=1)
     model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
                                              init_lora_weights=False))
-    names = list(hookable_linears(model))
+    names = list(hookable_layers(model))
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names) and len(names) == 8
     G, g, w = reference(model, gen, tgt)
     got, _, info, eng = engine_grads(model, DataRegConfig(update_rule="layerwise_subset", k=2), gen, tgt)
