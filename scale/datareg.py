@@ -489,7 +489,7 @@ class DataReg:
             else:
                 per_row = per_row + ((d3 @ t) * x3).sum((1, 2))
         per_row = per_row.double().cpu()
-        if self._n_local == x3.shape[0] and self._rows_identity:
+        if self._rows_identity:  # row i is sample i: no scatter needed
             return per_row
         return torch.zeros(self._n_local, dtype=torch.float64).index_add_(0, self._rows, per_row)
 

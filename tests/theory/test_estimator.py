@@ -83,13 +83,17 @@ batches = st.fixed_dictionaries({
 })
 
 
+def drawn_batch(est, b):
+    """(logp, keyword arguments of est.loss / coefficients) for a hypothesis-drawn batch description b."""
+    logp, old, M, r, demo = make_batch(b["seed"], b["n_groups"], b["G"], b["T"], est.demo_reference is not None,
+                                       b["spread"])
+    return logp, dict(old_logp=old, advantages=advantages_for(est, r, b["G"], b["seed"]), mask=M, is_demo=demo)
+
+
 @given(name=st.sampled_from(list(PRESETS)), b=batches)
 def test_autograd_equals_minus_coefficients_exactly(name, b):
     est = preset(name)
-    logp, old, M, r, demo = make_batch(b["seed"], b["n_groups"], b["G"], b["T"], est.demo_reference is not None,
-                                       b["spread"])
-    A = advantages_for(est, r, b["G"], b["seed"])
-    kw = dict(old_logp=old, advantages=A, mask=M, is_demo=demo)
+    logp, kw = drawn_batch(est, b)
     _, g = grad_of(est, logp, **kw)
     w = est.coefficients(logp, **kw)
     torch.testing.assert_close(g, -w, rtol=0, atol=0)
@@ -98,11 +102,10 @@ def test_autograd_equals_minus_coefficients_exactly(name, b):
 @given(name=st.sampled_from(list(PRESETS)), b=batches)
 def test_coefficients_equal_upge_formula(name, b):
     est = preset(name)
-    logp, old, M, r, demo = make_batch(b["seed"], b["n_groups"], b["G"], b["T"], est.demo_reference is not None,
-                                       b["spread"])
-    A = advantages_for(est, r, b["G"], b["seed"])
-    w = est.coefficients(logp, old_logp=old, advantages=A, mask=M, is_demo=demo)
-    torch.testing.assert_close(w, upge_formula(est, logp, old, A, M, demo), rtol=1e-12, atol=1e-15)
+    logp, kw = drawn_batch(est, b)
+    w = est.coefficients(logp, **kw)
+    want = upge_formula(est, logp, kw["old_logp"], kw["advantages"], kw["mask"], kw["is_demo"])
+    torch.testing.assert_close(w, want, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
