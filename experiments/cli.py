@@ -83,11 +83,32 @@ def _eval_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return n
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", type=Path, help="sweep YAML (see experiments/sweep.py for the keys)")
+    p.add_argument("--jobs", type=_positive, help="cells run at once (overrides the file's `jobs`)")
+    p.add_argument("--dry-run", action="store_true", help="print each cell's command and exit")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
+
+
+def _sweep_run(a: argparse.Namespace) -> int:
+    from experiments.sweep import main as sweep_main
+
+    return sweep_main(a.sweep, jobs=a.jobs, dry=a.dry_run, report_only=a.report_only)
+
+
 COMMANDS = {
     "figures": (_figures_args, _figures_run, "regenerate the figures and tables under paper_figs/"),
     "table1": (_table1_args, _table1_run, "render the HPT paper's Table 1 from the estimator presets"),
     "train": (_train_args, _train_run, "train a model: sft, dpo, rl, hpt, luffy, srft, sft_dpo (scale/train.py)"),
     "eval": (_eval_args, _eval_run, "pass@k and avg@n of a model on a JSONL benchmark (scale/evaluate.py)"),
+    "sweep": (_sweep_args, _sweep_run, "run method x grid x seed training cells and report over seeds"),
 }
 
 
