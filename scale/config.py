@@ -64,6 +64,7 @@ class GenerationConfig:
     n: int = 8                        # samples per prompt (the group size)
     temperature: float = 1.0          # also divides the logits of the training log-probs
     top_p: float = 1.0
+    top_k: int = 0                    # 0: no top-k cut (transformers' generate would default to 50)
     max_new_tokens: int = 256
     vllm_gpu_memory_utilization: float = 0.3
 
@@ -219,6 +220,53 @@ class DataregConfig(DataRegConfig):
     merged_target: bool = False       # append the target rows to the general batch: one forward and backward
 
 
+EVAL_KINDS = ("generate", "sft", "dpo")
+
+
+@dataclass
+class EvalSet:
+    name: str = ""                    # metrics are logged as eval/<name>/<metric>
+    path: str = ""                    # JSONL / parquet / folder
+    kind: str = "generate"            # generate (prompt, answer) | sft (prompt, completion) | dpo (prompt, chosen, rejected)
+    limit: int = 0                    # first `limit` rows (0: all)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation inside the trainer (scale/heldout.py): every `every` steps and at the end."""
+
+    sets: list[EvalSet] = field(default_factory=list)
+    every: int = 0                    # 0: only at the end
+    at_start: bool = True             # also evaluate the initial model, logged as step 0
+    n: int = 8                        # samples per prompt (generate sets), drawn with the generation: settings
+    ks: list[int] = field(default_factory=list)   # pass@k values (empty: powers of two up to n)
+    greedy: bool = True               # also greedy accuracy (one decode per prompt)
+    max_new_tokens: int = 0           # 0: generation.max_new_tokens
+    batch_size: int = 64              # prompts per generate call / rows per forward
+    reward: str = ""                  # "" = method.rl.reward
+    records: bool = True              # per-prompt correct counts to eval_records.jsonl
+
+    def validate(self) -> EvalConfig:
+        names = [s.name for s in self.sets]
+        for i, s in enumerate(self.sets):
+            if not s.name or "/" in s.name:
+                raise ValueError(f"eval.sets[{i}].name: expected a non-empty name without '/', got {s.name!r}")
+            if not s.path:
+                raise ValueError(f"eval.sets[{i}].path: required (a JSONL / parquet file or a dataset folder)")
+            _choice(f"eval.sets[{i}].kind", s.kind, EVAL_KINDS)
+            if s.limit < 0:
+                raise ValueError(f"eval.sets[{i}].limit: expected >= 0 (0: all rows), got {s.limit}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.sets: names must be distinct, got {names}")
+        for key, v, lo in (("eval.every", self.every, 0), ("eval.n", self.n, 1),
+                           ("eval.max_new_tokens", self.max_new_tokens, 0), ("eval.batch_size", self.batch_size, 1)):
+            if v < lo:
+                raise ValueError(f"{key}: expected an integer >= {lo}, got {v}")
+        if any(not 1 <= k <= self.n for k in self.ks):
+            raise ValueError(f"eval.ks: expected values in 1..eval.n={self.n}, got {self.ks}")
+        return self
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -227,6 +275,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     run: RunConfig = field(default_factory=RunConfig)
     datareg: DataregConfig = field(default_factory=DataregConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -259,6 +308,10 @@ class Config:
             raise ValueError(f"run.lr: expected a positive number, got {r.lr}")
         if not g.temperature > 0:
             raise ValueError(f"generation.temperature: expected > 0, got {g.temperature}")
+        if g.top_k < 0:
+            raise ValueError(f"generation.top_k: expected >= 0 (0: no top-k cut), got {g.top_k}")
+        if g.top_k and g.backend == "ptlab":
+            raise ValueError("generation.top_k: the ptlab sampler has no top-k; use backend hf or top_k=0")
         if not 0 < g.top_p <= 1:
             raise ValueError(f"generation.top_p: expected a number in (0, 1], got {g.top_p}")
         if m.name in ("rl", "hpt", "luffy", "srft") and g.n < 2:
@@ -271,6 +324,7 @@ class Config:
         if len(r.betas) != 2:
             raise ValueError(f"run.betas: expected two numbers, got {r.betas}")
         _validate_datareg(self)
+        self.eval.validate()
         return self
 
 

@@ -47,6 +47,34 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+def grade(rows: list[dict], completions: list[list[str]], reward_fn, n: int, ks: list[int],
+          threshold: float = 0.5) -> tuple[list[dict], dict[str, float]]:
+    """Grade n completions per row: (per_prompt, metrics).
+
+    per_prompt: [{"id", "n", "correct", "rewards", and "level" when the row has one}];
+    metrics: "pass@k" for each k, "avg@n", and the same per level as "L<level>/pass@k", "L<level>/avg@n"
+    when rows carry a level (each averaged over that level's prompts).
+    """
+    per_prompt = []
+    for r, comps in zip(rows, completions):
+        rewards = [float(x) for x in reward_fn(comps, [r["answer"]] * len(comps))]
+        p = {"id": r["id"], "n": n, "correct": sum(x >= threshold for x in rewards), "rewards": rewards}
+        if "level" in r:
+            p["level"] = r["level"]
+        per_prompt.append(p)
+    metrics = _summary(per_prompt, n, ks)
+    for lv in sorted({p["level"] for p in per_prompt if "level" in p}, key=str):
+        sub = _summary([p for p in per_prompt if p.get("level") == lv], n, ks)
+        metrics.update({f"L{lv}/{k}": v for k, v in sub.items()})
+    return per_prompt, metrics
+
+
+def _summary(per_prompt: list[dict], n: int, ks: list[int]) -> dict[str, float]:
+    out = {f"pass@{k}": sum(pass_at_k(n, p["correct"], k) for p in per_prompt) / len(per_prompt) for k in ks}
+    out[f"avg@{n}"] = sum(p["correct"] / n for p in per_prompt) / len(per_prompt)
+    return out
+
+
 def load_benchmark(path: str | Path, tokenizer, chat_template: bool = False, limit: int | None = None) -> list[dict]:
     """Rows {"id", "prompt" (text), "answer"} from a benchmark file (format in the module docstring)."""
     from scale.data import load_data, render_prompt, require_columns
@@ -63,25 +91,30 @@ def load_benchmark(path: str | Path, tokenizer, chat_template: bool = False, lim
             prompt = msgs[:-1] if msgs and msgs[-1].get("role") == "assistant" else msgs
         elif chat_template and isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        rows.append({"id": i if ex.get("id") is None else ex["id"], "prompt": render_prompt(prompt, tokenizer),
-                     "answer": str(ex["answer"])})
+        row = {"id": i if ex.get("id") is None else ex["id"], "prompt": render_prompt(prompt, tokenizer),
+               "answer": str(ex["answer"])}
+        if ex.get("level") is not None:  # optional: metrics are then also reported per level
+            row["level"] = ex["level"]
+        rows.append(row)
     return rows
 
 
 def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-             max_new_tokens: int = 256, batch_size: int = 8) -> list[list[str]]:
+             max_new_tokens: int = 256, batch_size: int = 8, top_k: int = 0) -> list[list[str]]:
     """n sampled completions per prompt (decoded new tokens, special tokens dropped), batch_size prompts
-    per `model.generate` call with left padding. temperature 0 means greedy decoding."""
+    per `model.generate` call with left padding. temperature 0 means greedy decoding; top_k 0 means none."""
     import torch
 
     if n < 1 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"n, batch_size, max_new_tokens: expected >= 1, got {n}, {batch_size}, {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature, top_p: expected temperature >= 0 and 0 < top_p <= 1, "
-                         f"got {temperature}, {top_p}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"temperature, top_p, top_k: expected temperature >= 0, 0 < top_p <= 1 and top_k >= 0, "
+                         f"got {temperature}, {top_p}, {top_k}")
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+    # top_k=0 explicitly: transformers' default (50) would cut the tail that pass@k at large k depends on,
+    # and the trainer's rollouts use no top-k either
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     out: list[list[str]] = []
     try:
@@ -123,7 +156,8 @@ def _load_model(model, tokenizer):
 
 
 def evaluate(model, data: str | Path, *, tokenizer=None, n: int = 1, ks: list[int] | None = None,
-             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256, batch_size: int = 8,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
+             batch_size: int = 8,
              reward: str = "math", threshold: float = 0.5, chat_template: bool = False, limit: int | None = None,
              seed: int = 0, out: str | Path | None = None, samples: str | Path | None = None) -> dict:
     """Sample, grade and score a benchmark; returns the results dict (written to `out` if given).
@@ -144,16 +178,14 @@ def evaluate(model, data: str | Path, *, tokenizer=None, n: int = 1, ks: list[in
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     completions = generate(model, tokenizer, [r["prompt"] for r in rows], n=n, temperature=temperature,
-                           top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    per_prompt, sample_rows = [], []
-    for r, comps in zip(rows, completions):
-        rewards = reward_fn(comps, [r["answer"]] * n)
-        per_prompt.append({"id": r["id"], "n": n, "correct": sum(x >= threshold for x in rewards)})
-        sample_rows.append({**r, "completions": comps, "rewards": rewards})
-    metrics = {f"pass@{k}": sum(pass_at_k(n, p["correct"], k) for p in per_prompt) / len(per_prompt) for k in ks}
-    metrics[f"avg@{n}"] = sum(p["correct"] / n for p in per_prompt) / len(per_prompt)
+                           top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, top_k=top_k)
+    per_prompt, metrics = grade(rows, completions, reward_fn, n, ks, threshold)
+    sample_rows = [{**r, "completions": comps, "rewards": p["rewards"]}
+                   for r, comps, p in zip(rows, completions, per_prompt)]
+    for p in per_prompt:
+        del p["rewards"]
     results = {"model": str(getattr(model, "name_or_path", "")), "data": str(data), "num_prompts": len(rows),
-               "n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+               "n": n, "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
                "reward": reward if isinstance(reward, str) else getattr(reward, "__name__", "custom"),
                "threshold": threshold, "seed": seed, "seconds": time.perf_counter() - t0,
                "metrics": metrics, "per_prompt": per_prompt}

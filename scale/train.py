@@ -70,8 +70,10 @@ def _dotted(ex: dict, key: str):
 
 
 def prepare_data(path: str, cfg: Config, tokenizer, need: str, context: int, limit: int | None = None,
-                 columns: dict | None = None) -> list[dict]:
-    """Load, map columns, check columns / emptiness / lengths, tokenise. Returns one dict per example."""
+                 columns: dict | None = None, keep: tuple[str, ...] = (), max_new_tokens: int | None = None
+                 ) -> list[dict]:
+    """Load, map columns, check columns / emptiness / lengths, tokenise. Returns one dict per example
+    (with the columns named in `keep` copied where present, e.g. an evaluation set's id and level)."""
     from scale.data import load_data, require_columns, to_prompt_completion, tokenize_pairs
 
     d = cfg.data
@@ -97,7 +99,8 @@ def prepare_data(path: str, cfg: Config, tokenizer, need: str, context: int, lim
 
     prompts = [fmt(r["prompt"]) for r in rows]
     max_len = min(d.max_length, context)
-    out = [{"prompt": p, "answer": str(r.get("answer", ""))} for p, r in zip(prompts, rows)]
+    out = [{"prompt": p, "answer": str(r.get("answer", "")), **{k: r[k] for k in keep if r.get(k) is not None}}
+           for p, r in zip(prompts, rows)]
     cols = {"sft": ["completion"], "dpo": ["chosen", "rejected"], "rl": [],
             "demo": ["completion"]}[{"hpt": "demo", "luffy": "demo", "srft": "demo"}.get(need, need)]
     if need in ("sequential", "mix", "alright", "maxright"):
@@ -112,12 +115,12 @@ def prepare_data(path: str, cfg: Config, tokenizer, need: str, context: int, lim
             p_ids = toks
     except ValueError as e:
         raise ValueError(f"data: {path}: {e}") from None
+    max_new = max_new_tokens or cfg.generation.max_new_tokens
     for i, (o, t) in enumerate(zip(out, p_ids)):
         o["prompt_ids"] = t["input_ids"][: t["prompt_len"]]
-        if need in RL_FAMILY and len(o["prompt_ids"]) + cfg.generation.max_new_tokens > context:
+        if need in RL_FAMILY and len(o["prompt_ids"]) + max_new > context:
             raise ValueError(f"data: {path}: example {i}: prompt has {len(o['prompt_ids'])} tokens; with "
-                             f"generation.max_new_tokens={cfg.generation.max_new_tokens} it exceeds the context "
-                             f"of {context} tokens")
+                             f"max_new_tokens={max_new} it exceeds the context of {context} tokens")
         for k in ("ref_chosen_logp", "ref_rejected_logp"):
             if k in rows[i]:
                 o[k] = float(rows[i][k])
@@ -165,6 +168,9 @@ class Trainer:
             from scale.datareg import TrainerHook
 
             self.datareg = TrainerHook(self, context)
+        from scale.heldout import HeldOut
+
+        self.heldout = HeldOut(self, context)  # the eval: section's sets, loaded and checked before the model
 
         # 2. accelerate and the model
         self.acc = accelerator or Accelerator(cpu=r.cpu, mixed_precision=r.mixed_precision,
@@ -177,7 +183,8 @@ class Trainer:
         self._deepspeed_fixups()
         model = self._load_model(cfg.model.path)
         self.ref = None
-        needs_ref = m.name in ("dpo", "sft_dpo") or (m.name in RL_FAMILY and m.rl.kl_coef > 0)
+        needs_ref = m.name in ("dpo", "sft_dpo") or (m.name in RL_FAMILY and m.rl.kl_coef > 0) or \
+            any(s.kind == "dpo" for s in cfg.eval.sets)
         if needs_ref and (cfg.model.ref_path or not cfg.model.lora.enabled):  # LoRA: the adapter-free base
             self.ref = self._make_reference(model)
         if cfg.model.lora.enabled:
@@ -305,15 +312,16 @@ class Trainer:
         return [Row(list(self.data[i]["completion"]["input_ids"]), self.data[i]["completion"]["prompt_len"], "sft",
                     weight=weight) for i in idx]
 
-    def dpo_rows(self, idx, weight=1.0):
+    def dpo_rows(self, idx, weight=1.0, data=None):
+        data = self.pref if data is None else data
         rows = []
         for i in idx:
-            ex = self.pref[i]
+            ex = data[i]
             for kind in ("chosen", "rejected"):
                 t = ex[kind]
                 rows.append(Row(list(t["input_ids"]), t["prompt_len"], kind, weight=weight,
                                 ref_logp=ex.get(f"ref_{kind}_logp", 0.0), meta={"ex": i}))
-        if idx and "ref_chosen_logp" not in self.pref[idx[0]]:
+        if idx and "ref_chosen_logp" not in data[idx[0]]:
             self._fill_ref_logp(rows)
         return rows
 
@@ -455,10 +463,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
-        """n sampled completions per prompt (grouped), each cut after its first EOS (kept)."""
+    def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int = 0,
+                 greedy: bool = False) -> list[list[int]]:
+        """n sampled completions per prompt (grouped), each cut after its first EOS (kept); the sampling
+        settings of `generation:` (rollouts and in-training evaluation alike), or greedy decoding."""
         g = self.cfg.generation
-        if self.generator is not None:
+        max_new = max_new_tokens or g.max_new_tokens
+        if self.generator is not None and not greedy and max_new == g.max_new_tokens:
             return self.generator.generate(self._model(), prompts, n)
         model = self._model()
         was_training = model.training
@@ -466,18 +477,19 @@ class Trainer:
         from scale.data import collate as pad
 
         b = pad([{"input_ids": p} for p in prompts], self.tok.pad_token_id, left=True)
-        if g.backend == "ptlab":
+        if g.backend == "ptlab" and not greedy:
             from scale.sampling import generate_ids
 
             new = generate_ids(model, b["input_ids"].to(self.acc.device), b["attention_mask"].to(self.acc.device), n,
-                               g.max_new_tokens, self.tok.eos_token_id, self.tok.pad_token_id,
+                               max_new, self.tok.eos_token_id, self.tok.pad_token_id,
                                temperature=g.temperature, top_p=g.top_p)
         else:
+            sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if greedy else \
+                {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k}
             new = model.generate(input_ids=b["input_ids"].to(self.acc.device),
-                                 attention_mask=b["attention_mask"].to(self.acc.device), do_sample=True,
-                                 temperature=g.temperature, top_p=g.top_p, top_k=0, max_new_tokens=g.max_new_tokens,
+                                 attention_mask=b["attention_mask"].to(self.acc.device), max_new_tokens=max_new,
                                  num_return_sequences=n, pad_token_id=self.tok.pad_token_id,
-                                 eos_token_id=self.tok.eos_token_id)[:, b["input_ids"].shape[1]:]
+                                 eos_token_id=self.tok.eos_token_id, **sampling)[:, b["input_ids"].shape[1]:]
         model.train(was_training)
         comps = []
         for row in new.tolist():
@@ -612,10 +624,15 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         bar = _progress(r.max_steps, self.step, self.acc.is_main_process and r.progress)
         last = {}
+        self.heldout.trim(self.step)  # a resumed run drops the records past its checkpoint
+        if self.step == 0 and self.heldout.due(0, r.max_steps):  # the initial model
+            logger.log({"step": 0, **self.evaluate(0)})
         while self.step < r.max_steps:
             last = self.train_step(self.step)
             self.step += 1
-            if self.step % r.log_every == 0 or self.step == r.max_steps:
+            if self.heldout.due(self.step, r.max_steps):
+                last.update(self.evaluate(self.step))
+            if self.step % r.log_every == 0 or self.step == r.max_steps or any(k.startswith("eval/") for k in last):
                 logger.log(last)
             if bar is not None:
                 bar.update(1)
@@ -631,6 +648,13 @@ class Trainer:
         if self.step == r.max_steps and r.save_model:
             self.save_model(self.out / "final")
         return last
+
+    def evaluate(self, step: int) -> dict:
+        """The eval: section's metrics at the current parameters; per-prompt records appended to
+        eval_records.jsonl."""
+        metrics, records = self.heldout.run(step)
+        self.heldout.write_records(records)
+        return metrics
 
     def save_checkpoint(self, _fail: bool = False):
         extra = {"schedule": self.schedule}
@@ -771,7 +795,8 @@ class _VllmGenerator:
         g = self.cfg.generation
         runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
         runner.model.load_weights(model.state_dict().items())
-        sp = self.SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_new_tokens)
+        sp = self.SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k or -1,
+                                 max_tokens=g.max_new_tokens)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         return [list(o.token_ids) for out in outs for o in out.outputs]
 

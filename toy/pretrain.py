@@ -1,5 +1,6 @@
-"""A pretrained tiny base model: the random tiny Qwen2 of `toy.tiny`, trained briefly with next-token
-cross-entropy on the arithmetic demonstrations of `toy.tasks`, so that RL from it gets non-zero reward.
+"""The pretrained tiny base model of the miniature world (`toy.world`): the random Qwen2 of `toy.tiny`,
+trained with next-token cross-entropy on worked solutions of the world's easy levels (clean) and middle
+levels (noisy: the final value right with probability `correct_prob`); the hard levels are never shown.
 
 `pretrained_base()` returns a cached Hugging Face model folder, built on first use. The cache lives under
 $PTLAB_CACHE (default ~/.cache/ptlab) in a folder named by a hash of the recipe, so changing the recipe
@@ -22,22 +23,25 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Everything that determines the base model; its hash names the cache folder."""
-    levels: tuple[int, ...] = (1, 2, 3)
-    level_weights: tuple[float, ...] = (0.5, 0.3, 0.2)  # level 1 dominates: RL tests start there
-    n_examples: int = 6000
-    steps: int = 400
+    levels: tuple[int, ...] = (1, 2, 3, 4)
+    level_weights: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
+    noisy_levels: tuple[int, ...] = (3, 4)     # the middle rungs
+    correct_prob: float = 0.35                 # on noisy levels: P(final value right)
+    n_examples: int = 40000
+    steps: int = 1500
     batch_size: int = 64
     lr: float = 3e-3
-    warmup: int = 20
-    hidden_size: int = 64
-    num_layers: int = 2
-    intermediate_size: int = 128
+    warmup: int = 50
+    hidden_size: int = 128
+    num_layers: int = 3
+    intermediate_size: int = 256
+    num_heads: int = 4
     seed: int = 0
 
     def key(self) -> str:
@@ -53,15 +57,12 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 
 def _training_texts(recipe: Recipe) -> list[tuple[str, str]]:
-    import random
+    from toy.world import pretraining_pairs
 
-    from toy.tasks import make_examples
-
-    rng = random.Random(recipe.seed)
-    counts = [round(w * recipe.n_examples / sum(recipe.level_weights)) for w in recipe.level_weights]
-    rows = [r for lv, n in zip(recipe.levels, counts) for r in make_examples(n, lv, seed=recipe.seed)]
-    rng.shuffle(rows)
-    return [(r["prompt"], r["completion"]) for r in rows]
+    if len(recipe.levels) != len(recipe.level_weights):
+        raise ValueError("level_weights: expected one weight per level")
+    return pretraining_pairs(recipe.n_examples, dict(zip(recipe.levels, recipe.level_weights)),
+                             recipe.noisy_levels, recipe.correct_prob, seed=recipe.seed)
 
 
 def train_base(out_dir: str | Path, recipe: Recipe = Recipe(), log_every: int = 0) -> dict:
@@ -77,7 +78,8 @@ def train_base(out_dir: str | Path, recipe: Recipe = Recipe(), log_every: int = 
     t0 = time.perf_counter()
     tok = make_tokenizer()
     model = make_model(tok, hidden_size=recipe.hidden_size, num_layers=recipe.num_layers,
-                       intermediate_size=recipe.intermediate_size, seed=recipe.seed)
+                       num_heads=recipe.num_heads, num_kv_heads=max(1, recipe.num_heads // 2),
+                       intermediate_size=recipe.intermediate_size, max_positions=128, seed=recipe.seed)
     pairs = _training_texts(recipe)
     p_ids = tok([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
     c_ids = tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
@@ -141,36 +143,43 @@ def pretrained_base(cache_dir: str | Path | None = None, recipe: Recipe = Recipe
     return final
 
 
-def sampled_accuracy(model_dir: str | Path, level: int = 1, n_prompts: int = 100, temperature: float = 1.0,
-                     max_new_tokens: int = 32, seed: int = 0) -> float:
-    """Fraction of `n_prompts` level-`level` prompts (a held-out seed) whose one sampled completion ends
-    in the right boxed answer. Temperature 0 means greedy."""
+def ladder(model_dir: str | Path, n_prompts: int = 64, n: int = 8, max_new_tokens: int = 40, seed: int = 0,
+           levels: tuple[int, ...] | None = None) -> dict[int, dict]:
+    """Measure each level's rung on `n_prompts` held-out (test-split) problems: {level: {"greedy": greedy
+    accuracy, "avg@n": mean correct fraction of n samples at temperature 1 (top_k 0, top_p 1), "all_fail":
+    fraction of problems with none of the n samples correct}}."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toy.tasks import make_examples
+    from scale.evaluate import generate
+    from scale.rewards import load_reward
+    from toy.world import LEVELS, examples
 
-    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    rows = make_examples(n_prompts, level, seed=10_000 + seed)
-    enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature or None, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    hits = [re.findall(r"\\boxed\{([^{}]*)\}", t)[-1:] == [r["answer"]] for t, r in zip(texts, rows)]
-    return sum(hits) / len(hits)
+    grade = load_reward("math")
+    out = {}
+    for lv in levels or tuple(LEVELS):
+        rows = examples(lv, "test", n_prompts)
+        prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+        torch.manual_seed(seed)
+        sampled = generate(model, tok, prompts, n=n, temperature=1.0, max_new_tokens=max_new_tokens, batch_size=64)
+        greedy = generate(model, tok, prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=64)
+        correct = [sum(x >= 0.5 for x in grade(c, [a] * n)) for c, a in zip(sampled, answers)]
+        g = [grade(c, [a])[0] >= 0.5 for c, a in zip(greedy, answers)]
+        out[lv] = {"greedy": sum(g) / len(g), f"avg@{n}": sum(correct) / (n * len(rows)),
+                   "all_fail": sum(c == 0 for c in correct) / len(rows)}
+    return out
 
 
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="build the tiny base model and report its sampled accuracy")
+    ap = argparse.ArgumentParser(description="build the tiny base model and measure its difficulty ladder")
     ap.add_argument("--out", type=Path, help="train into this folder instead of the cache")
     a = ap.parse_args()
     if a.out:
-        info = train_base(a.out, log_every=50)
+        info = train_base(a.out, log_every=100)
         path = a.out
     else:
         t = time.perf_counter()
@@ -178,6 +187,5 @@ if __name__ == "__main__":
         info = json.loads((path / "ptlab_recipe.json").read_text())
         print(f"cache: {path} (this call {time.perf_counter() - t:.1f} s)")
     print(f"build time {info['seconds']:.1f} s, final loss {info['final_loss']:.4f}")
-    for lv in (1, 2, 3):
-        for temp in (1.0, 0.0):
-            print(f"level {lv} temperature {temp}: accuracy {sampled_accuracy(path, lv, temperature=temp):.2f}")
+    for lv, m in ladder(path).items():
+        print(f"level {lv}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))

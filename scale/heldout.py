@@ -1,0 +1,188 @@
+"""Evaluation inside the trainer: the `eval:` config section, run every `eval.every` steps and at the end.
+
+Three kinds of held-out set (`eval.sets[i].kind`):
+
+    generate   prompt, answer (optional id, level): n completions per prompt sampled with the trainer's own
+               rollout settings (generation.temperature / top_p / top_k, the same function as the rollouts),
+               graded by the reward; metrics avg@n, pass@k (unbiased, k <= n), greedy accuracy (one greedy
+               decode per prompt), each overall and per level ("L3/avg@8")
+    sft        prompt, completion: f_sft = the SFT loss on the set (mean token negative log-likelihood)
+    dpo        prompt, chosen, rejected: f_dpo = the DPO loss against the reference model (mean over pairs,
+               beta = method.dpo.beta) and pref_accuracy = fraction of pairs with a positive implicit margin
+
+Metrics are logged as "eval/<set>/<metric>" on the step's line of metrics.jsonl (and TensorBoard); with
+`eval.at_start` the initial model is evaluated as step 0. Per-prompt correct counts of the generate sets go
+to eval_records.jsonl: {"step", "set", "id", "level", "n", "correct", "greedy"}.
+
+Sampling during evaluation uses its own seeded random stream (seed, step), restored afterwards, so turning
+evaluation on or off does not change the training run. Under several processes each process evaluates
+its share of the prompts and the counts are gathered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+from scale.methods import Row, collate
+
+
+class HeldOut:
+    def __init__(self, trainer, context: int):
+        from scale.train import prepare_data
+
+        self.t, self.cfg = trainer, trainer.cfg.eval
+        self.sets = []
+        for s in self.cfg.sets:
+            need = {"generate": "rl", "sft": "sft", "dpo": "dpo"}[s.kind]
+            max_new = self.cfg.max_new_tokens or trainer.cfg.generation.max_new_tokens
+            data = prepare_data(s.path, trainer.cfg, trainer.tok, need, context, limit=s.limit,
+                                columns={}, keep=("id", "level"), max_new_tokens=max_new)
+            self.sets.append((s, data))
+        self.reward_fn = None
+        if any(s.kind == "generate" for s in self.cfg.sets):
+            from scale.rewards import load_reward
+
+            self.reward_fn = load_reward(self.cfg.reward or trainer.cfg.method.rl.reward)
+
+    def due(self, step: int, last: int) -> bool:
+        if not self.sets:
+            return False
+        if step == 0:
+            return self.cfg.at_start
+        return step == last or bool(self.cfg.every and step % self.cfg.every == 0)
+
+    def run(self, step: int) -> tuple[dict[str, float], list[dict]]:
+        """(metrics, per-prompt records) of every set at the current parameters."""
+        metrics, records = {}, []
+        model = self.t._model()
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed((self.t.cfg.run.seed * 1_000_003 + step) * 1024 + self.t.acc.process_index)
+            for s, data in self.sets:
+                if s.kind == "generate":
+                    m, rec = self._generate(s, data, step)
+                    records += rec
+                else:
+                    m = self._objective(s, data)
+                metrics.update({f"eval/{s.name}/{k}": v for k, v in m.items()})
+        model.train(was_training)
+        return metrics, records
+
+    # ------------------------------------------------------------------ generate sets
+    def _generate(self, s, data, step):
+        from scale.evaluate import grade
+
+        t, c = self.t, self.cfg
+        mine = list(range(t.acc.process_index, len(data), t.P))
+        max_new = c.max_new_tokens or t.cfg.generation.max_new_tokens
+        local = []
+        for lo in range(0, len(mine), c.batch_size):
+            chunk = [data[i] for i in mine[lo:lo + c.batch_size]]
+            prompts = [e["prompt_ids"] for e in chunk]
+            sampled = t.generate(prompts, c.n, max_new_tokens=max_new)
+            greedy = t.generate(prompts, 1, max_new_tokens=max_new, greedy=True) if c.greedy else None
+            texts = t.tok.batch_decode(sampled, skip_special_tokens=True)
+            rows = [{"id": e.get("id", i), "answer": e["answer"], **({"level": e["level"]} if "level" in e else {})}
+                    for i, e in zip(mine[lo:lo + c.batch_size], chunk)]
+            per, _ = grade(rows, [texts[j * c.n:(j + 1) * c.n] for j in range(len(chunk))], self.reward_fn, c.n, [1])
+            if greedy is not None:
+                g_texts = t.tok.batch_decode(greedy, skip_special_tokens=True)
+                g_per, _ = grade(rows, [[x] for x in g_texts], self.reward_fn, 1, [1])
+                for p, g in zip(per, g_per):
+                    p["greedy"] = g["correct"]
+            for p in per:
+                del p["rewards"]
+            local += per
+        per_prompt = [p for part in _gather(t.acc, local) for p in part]
+        return _generate_metrics(per_prompt, c.n, self.ks, c.greedy), \
+            [{"step": step, "set": s.name, **p} for p in per_prompt]
+
+    @property
+    def ks(self) -> list[int]:
+        n = self.cfg.n
+        return sorted(set(self.cfg.ks or [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]))
+
+    # ------------------------------------------------------------------ objective sets
+    def _objective(self, s, data) -> dict[str, float]:
+        """f_sft or f_dpo (and the preference accuracy) on this process's share, summed over processes."""
+        t = self.t
+        mine = list(range(t.acc.process_index, len(data), t.P))
+        if s.kind == "sft":
+            rows = [Row(list(data[i]["completion"]["input_ids"]), data[i]["completion"]["prompt_len"], "sft")
+                    for i in mine]
+            sums = self._row_logps(rows)
+            nll = -sum(lp for lp, _ in sums)
+            tokens = sum(n for _, n in sums)
+            nll, tokens = _reduce(t.acc, [nll, float(tokens)])
+            return {"f_sft": nll / tokens}
+        rows = t.dpo_rows(mine, data=data)
+        sums = self._row_logps(rows)
+        beta = t.cfg.method.dpo.beta
+        loss = wins = 0.0
+        for k in range(0, len(rows), 2):
+            margin = beta * ((sums[k][0] - rows[k].ref_logp) - (sums[k + 1][0] - rows[k + 1].ref_logp))
+            loss += float(-F.logsigmoid(torch.tensor(margin, dtype=torch.float64)))
+            wins += float(margin > 0)
+        loss, wins, pairs = _reduce(t.acc, [loss, wins, float(len(rows) // 2)])
+        return {"f_dpo": loss / pairs, "pref_accuracy": wins / pairs}
+
+    def _row_logps(self, rows: list[Row]) -> list[tuple[float, int]]:
+        """(summed log-prob of the scored tokens, their number) per row, at temperature 1."""
+        t, out = self.t, []
+        B = self.cfg.batch_size
+        for lo in range(0, len(rows), B):
+            chunk = rows[lo:lo + B]
+            mb = collate(chunk, t.tok.pad_token_id, t.acc.device)
+            lp, _ = t.acc.unwrap_model(t.policy)(mb["input_ids"], mb["attention_mask"], mb["score_mask"],
+                                                 with_entropy=False)
+            out += [(float(lp[i].double().sum()), rw.n_scored) for i, rw in enumerate(chunk)]
+        return out
+
+    def trim(self, step: int) -> None:
+        path = self.t.out / "eval_records.jsonl"
+        if self.t.acc.is_main_process and path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write_records(self, records: list[dict]) -> None:
+        if records and self.t.acc.is_main_process and self.cfg.records:
+            with open(self.t.out / "eval_records.jsonl", "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def _generate_metrics(per_prompt: list[dict], n: int, ks: list[int], greedy: bool) -> dict[str, float]:
+    from scale.evaluate import _summary
+
+    def one(ps):
+        m = _summary(ps, n, ks)
+        if greedy:
+            m["greedy"] = sum(p["greedy"] for p in ps) / len(ps)
+        m["all_fail"] = sum(p["correct"] == 0 for p in ps) / len(ps)
+        return m
+
+    out = one(per_prompt)
+    for lv in sorted({p["level"] for p in per_prompt if "level" in p}, key=str):
+        out.update({f"L{lv}/{k}": v for k, v in one([p for p in per_prompt if p.get("level") == lv]).items()})
+    return out
+
+
+def _gather(acc, obj: list) -> list[list]:
+    if acc.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def _reduce(acc, values: list[float]) -> list[float]:
+    v = torch.tensor(values, dtype=torch.float64, device=acc.device)
+    v = acc.reduce(v, "sum") if acc.num_processes > 1 else v
+    out = v.tolist()
+    if not all(math.isfinite(x) for x in out):
+        raise ValueError(f"eval: a held-out objective is not finite ({out}); the model may have diverged")
+    return out
