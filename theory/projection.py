@@ -26,12 +26,19 @@ set                       members                                               
 ========================  =====================================================  ==================
 
 Numerics. Everything is float64 numpy inside. Span uses least squares on G^T (d x n). The other
-polyhedral sets are handled in the n x n Gram space (``K = G G^T``), never with a d x d matrix: Cone is
-non-negative least squares in the coefficients, HalfSpaces is ``g + P_Cone(-g)`` (Moreau), and Hull is
-a least-distance problem turned into one more non-negative least squares (README section 4). All three
-use one Lawson-Hanson active-set solver on the Gram matrix, ``_nnls_gram``. Working on K squares the
-condition number of G: accuracy is about 1e-12 relative for well-conditioned G and degrades to about
-1e-7 when cond(G) reaches 1e4 and beyond.
+polyhedral sets are handled in the n x n Gram space, never with a d x d matrix: Cone is non-negative
+least squares in the coefficients, HalfSpaces is ``g + P_Cone(-g)`` (Moreau), and Hull is the quadratic
+program over the simplex in coordinates centred at the vertex nearest to g. All three use one
+active-set solver, ``_active_set`` (Lawson-Hanson, with each face's KKT system for the simplex), with
+tolerances relative to the rounding level of each gradient entry and an iteration cap that raises
+``ProjectionError`` instead of looping. Working on Gram matrices squares the condition number of G:
+accuracy is about 1e-12 relative for well-conditioned G and degrades to about 1e-7 when cond(G) reaches
+1e4 and beyond.
+
+Scale. Every map is equivariant, ``P(s g; s G) = s P(g; G)`` for s > 0, and so is the code: g and the
+rows of G are divided by powers of two near their largest entries (exact in binary floating point), the
+solvers see O(1) numbers, and the answer is scaled back. Any finite input works, from 1e-300 to 1e300;
+nothing squares an entry into overflow or underflow (tests/theory/test_projection.py, test_fuzz.py).
 
 Array types. ``g`` and ``G`` may be numpy arrays or torch tensors; they are converted to float64 numpy at
 the boundary. ``project`` and ``lmo`` return the type of ``g``: a numpy float64 array, or a torch tensor
@@ -71,39 +78,193 @@ def _weights(w, n: int) -> np.ndarray:
     return w
 
 
+# ----------------------------------------------------------------------------- scaling
+#
+# Every set's projection is equivariant, P(s g; s S) = s P(g; S) for s > 0, so the solvers work on O(1)
+# numbers: g and the rows of G are divided by powers of two (exact in binary floating point), solved, and
+# multiplied back. Tolerances are then relative by construction, nothing squares a 1e200 entry into inf,
+# and no 1e-200 entry is squared into zero.
+
+
+def _pow2(m: float) -> float:
+    """The power of two p with m / p in [1, 2) (1.0 for m = 0); finite for every finite m."""
+    if not m > 0:
+        return 1.0
+    return math.ldexp(1.0, math.frexp(m)[1] - 1)
+
+
+def _scale(x: np.ndarray) -> float:
+    return _pow2(float(np.max(np.abs(x)))) if x.size else 1.0
+
+
+def _shrink(x: np.ndarray, s: float) -> np.ndarray:
+    """x / s, except that an x more than 2^600 times larger than s is brought down to 2^600: a target that
+    far from the set acts on the solution only through its direction in float64, and must not overflow."""
+    sx = _scale(x)
+    if math.frexp(sx)[1] - math.frexp(s)[1] > 600:
+        return x / sx * 2.0**600
+    return x / s
+
+
+def _norm(x: np.ndarray) -> float:
+    """||x||, without the overflow of the squares above 1e154 or their underflow below 1e-154."""
+    s = _scale(x)
+    return s * float(np.sqrt(np.sum((x / s) ** 2)))
+
+
+_BLOCK = 1 << 22  # entries of G handled at once (32 MB): bounds the temporary copies of a wide G
+
+
+class _Rows:
+    """The rows of G as (G_i / div_i - center) / post_i, read a block of columns at a time.
+
+    The sets solve in these normalised coordinates; the blocks keep the temporary copies to one block
+    whatever d is (the scale trainer passes one layer's per-sample gradients).
+    """
+
+    def __init__(self, G: np.ndarray, div: np.ndarray, center: np.ndarray | None = None, post=None):
+        n, d = G.shape
+        self.G, self.div, self.center = G, div, center
+        self.post = np.ones(n) if post is None else post
+        step = max(1, _BLOCK // max(n, 1))
+        self.blocks = [slice(j, j + step) for j in range(0, d, step)]
+
+    def block(self, blk: slice) -> np.ndarray:
+        A = self.G[:, blk] / self.div[:, None]
+        if self.center is not None:
+            A -= self.center[blk]
+        return A / self.post[:, None]
+
+    def gram(self) -> np.ndarray:
+        n = self.G.shape[0]
+        K = np.zeros((n, n))
+        for blk in self.blocks:
+            A = self.block(blk)
+            K += A @ A.T
+        return K
+
+    def dot(self, x: np.ndarray) -> np.ndarray:
+        """A x, A the normalised rows."""
+        out = np.zeros(self.G.shape[0])
+        for blk in self.blocks:
+            out += self.block(blk) @ x[blk]
+        return out
+
+    def combine(self, c: np.ndarray) -> np.ndarray:
+        """A^T c."""
+        out = np.zeros(self.G.shape[1])
+        for blk in self.blocks:
+            out[blk] = c @ self.block(blk)
+        return out
+
+
+def _row_scales(G: np.ndarray) -> np.ndarray:
+    """`_pow2` of each row's largest entry, vectorised."""
+    m = np.max(np.abs(G), axis=1) if G.shape[1] else np.zeros(G.shape[0])
+    return np.where(m > 0, np.ldexp(1.0, np.frexp(m)[1] - 1), 1.0)
+
+
 # ----------------------------------------------------------------------------- the Gram-space solver
 
 
-def _nnls_gram(Q: np.ndarray, p: np.ndarray, scale: float) -> np.ndarray:
-    """min_{u >= 0} 1/2 u^T Q u - p^T u for PSD Q (n x n), by Lawson-Hanson's active-set method.
+class ProjectionError(RuntimeError):
+    """The active-set solver hit its iteration cap (it never has in the tests; it says so rather than hang)."""
 
-    This is NNLS ``min ||A u - y||`` written with ``Q = A^T A`` and ``p = A^T y``, so it never needs A.
-    ``scale`` sets the tolerance of the sign tests (the size of the entries of the gradient p - Q u).
-    Lawson-Hanson keeps the passive columns linearly independent, so a rank-deficient Q is fine.
+
+def _face_minimiser(K: np.ndarray, b: np.ndarray, passive: np.ndarray, simplex: bool) -> np.ndarray:
+    """argmin of 1/2 c^T K c - b^T c over the coordinates in `passive` (others 0), with sum c = 1 if simplex.
+
+    Solved in the variables y_i = sqrt(K_ii) c_i (unit diagonal), so rows of very different norms keep
+    their digits, by least squares (minimum norm): a face can be singular up to rounding.
     """
-    n = p.shape[0]
-    u = np.zeros(n)
+    idx = np.flatnonzero(passive)
+    z = np.zeros(b.shape[0])
+    if idx.size == 0:
+        return z
+    d = np.sqrt(np.diag(K)[idx])
+    d = np.where(d > 0, d, 1.0)
+    Kt, bt = K[np.ix_(idx, idx)] / np.outer(d, d), b[idx] / d
+    if simplex:  # KKT system of the face: [K u; u^T 0] [y; -nu] = [b; 1/beta], u = (1/d) / beta
+        m = idx.size
+        u = 1.0 / d
+        beta = float(u.max())
+        M = np.zeros((m + 1, m + 1))
+        M[:m, :m], M[:m, m], M[m, :m] = Kt, u / beta, u / beta
+        y = np.linalg.lstsq(M, np.append(bt, 1.0 / beta), rcond=None)[0][:m]
+    else:
+        y = np.linalg.lstsq(Kt, bt, rcond=None)[0]
+    z[idx] = y / d
+    return z
+
+
+def _descend(K, b, c, passive, simplex):
+    """Lawson-Hanson's inner loop: move from the feasible c towards the face minimiser, dropping the
+    coordinates that reach zero, until the face minimiser itself is feasible."""
+    for _ in range(b.shape[0] + 2):
+        z = _face_minimiser(K, b, passive, simplex)
+        bad = passive & (z <= 0)
+        if not bad.any():
+            return z, passive
+        gap = c[bad] - z[bad]  # > 0 except when both are 0
+        ratio = np.divide(c[bad], gap, out=np.zeros_like(gap), where=gap > 0)
+        k = int(np.argmin(ratio))
+        alpha = float(np.clip(ratio[k], 0.0, 1.0))
+        c = c + alpha * (z - c)
+        c[np.flatnonzero(bad)[k]] = 0.0  # the blocking coordinate, exactly
+        passive = passive & (c > 0)
+        c[~passive] = 0.0
+        if simplex:
+            if not passive.any():  # cannot happen in exact arithmetic (sum c = 1): give up this entry
+                return None, None
+            c = c / c.sum()
+    return c, passive
+
+
+def _active_set(K: np.ndarray, b: np.ndarray, simplex: bool = False, max_iter: int | None = None) -> np.ndarray:
+    """argmin of 1/2 c^T K c - b^T c over c >= 0 (and sum c = 1 when `simplex`), K symmetric PSD (n x n).
+
+    Lawson-Hanson's active-set method (NNLS written with K = A^T A, b = A^T y, so A is never needed),
+    extended to the simplex by solving each face's KKT system. A coordinate enters only if its gradient
+    entry beats the rounding level of the gradient, so a rank-deficient K is fine. Anti-cycling: an entry
+    that rounding undoes at once (the objective does not decrease) is skipped until the next real
+    decrease. The callers pass O(1)-scaled K and b; iterations are capped (default 20 n + 50, far above
+    the n to 3n it takes) and the cap raises ProjectionError.
+    """
+    n = b.shape[0]
+    max_iter = 20 * n + 50 if max_iter is None else max_iter
+    c = np.zeros(n)
     passive = np.zeros(n, dtype=bool)
-    tol = 1e-12 * max(scale, 1e-300) * max(n, 1)
-    for _ in range(10 * n + 10):
-        w = p - Q @ u
-        cand = np.where(~passive & (w > tol))[0]
-        if cand.size == 0:
-            return u
-        passive[cand[np.argmax(w[cand])]] = True
-        for _ in range(10 * n + 10):  # inner loop: keep the passive least-squares solution feasible
-            idx = np.where(passive)[0]
-            z = np.zeros(n)
-            z[idx] = np.linalg.lstsq(Q[np.ix_(idx, idx)], p[idx], rcond=None)[0]
-            if np.all(z[idx] > 0):
-                u = z
-                break
-            bad = idx[z[idx] <= 0]
-            alpha = np.min(u[bad] / (u[bad] - z[bad]))
-            u = u + alpha * (z - u)
-            passive &= u > 1e-15 * max(1.0, np.max(np.abs(u)))
-            u[~passive] = 0.0
-    raise RuntimeError("Lawson-Hanson NNLS did not converge; the Gram matrix may be badly scaled")
+    if n == 0:
+        return c
+    if simplex:  # start from the nearest vertex
+        j = int(np.argmax(b - 0.5 * np.diag(K)))
+        c[j], passive[j] = 1.0, True
+    absK, absb = np.abs(K), np.abs(b)
+    obj = lambda u: 0.5 * u @ K @ u - b @ u  # noqa: E731
+    f = obj(c)
+    skip = np.zeros(n, dtype=bool)
+    for _ in range(max_iter):
+        w = b - K @ c  # minus the gradient
+        nu = float(c @ w) if simplex else 0.0  # on the simplex, w is constant (nu) on the support at a face optimum
+        # rounding level of each w_j - nu, per coordinate: rows of very different norms keep their own scale
+        size = absb + absK @ c
+        tol = 1e-13 * n * (size + (float(c @ size) if simplex else 0.0)) + 1e-300
+        free = ~passive & ~skip & (w - nu > tol)
+        if not free.any():
+            return c
+        j = int(np.flatnonzero(free)[np.argmax(w[free])])
+        trial = passive.copy()
+        trial[j] = True
+        c_new, p_new = _descend(K, b, c, trial, simplex)
+        f_new = obj(c_new) if c_new is not None else np.inf
+        if f_new < f or (f_new == f and p_new[j]):
+            if f_new < f:
+                skip[:] = False
+            c, passive, f = c_new, p_new, f_new
+        else:  # rounding undid the entry of j: no progress, so do not try j again until there is some
+            skip[j] = True
+    raise ProjectionError(f"S: the active-set solver did not converge in {max_iter} iterations "
+                          f"(n={n} rows); please report the (g, G) that caused it")
 
 
 # ----------------------------------------------------------------------------- sets
@@ -126,11 +287,11 @@ class FeasibleSet:
 
 
 class _RowsSet(FeasibleSet):
-    """A set built from the rows of G ([n, d]); caches the Gram matrix lazily."""
+    """A set built from the rows of G ([n, d]); caches its normalised Gram matrices lazily."""
 
     def __init__(self, G):
         self.G = real_array("G", G, 2)
-        self._K = None
+        self._cache: dict = {}
 
     @property
     def n(self) -> int:
@@ -140,11 +301,16 @@ class _RowsSet(FeasibleSet):
     def dim(self) -> int:
         return self.G.shape[1]
 
-    @property
-    def K(self) -> np.ndarray:
-        if self._K is None:
-            self._K = self.G @ self.G.T
-        return self._K
+    def _scaled(self):
+        """(rows G / s, their Gram matrix) with s = `_pow2` of max |G|: for sets that change with row scales."""
+        if "scaled" not in self._cache:
+            rows = _Rows(self.G, np.full(self.n, _scale(self.G)))
+            self._cache["scaled"] = (rows, rows.gram())
+        return self._cache["scaled"]
+
+    def _scores(self, g: np.ndarray) -> np.ndarray:
+        """<G_i, g> up to one positive factor (the same for all i): enough for every ranking and sign test."""
+        return self._scaled()[0].dot(g / _scale(g))
 
 
 class Whole(FeasibleSet):
@@ -193,8 +359,10 @@ class Point(FeasibleSet):
 class Span(_RowsSet):
     """{G^T c : c in R^n}. Projection = G^T c with c the least-squares coefficients.
 
-    Solved by LAPACK least squares on G^T (d x n, an SVD; singular values below 1e-12 of the largest are
-    dropped) rather than on the Gram matrix, whose condition number is the square of G's.
+    Solved by LAPACK least squares on the row-normalised G^T (d x n, an SVD; singular values below 1e-12 of
+    the largest are dropped) rather than on the Gram matrix, whose condition number is the square of G's.
+    The span does not change when a row is rescaled, so each row is first divided by a power of two near
+    its largest entry: rows of very different norms all count.
     """
 
     bounded = False
@@ -202,44 +370,64 @@ class Span(_RowsSet):
     def _project(self, g):
         if self.n == 0:
             return np.zeros_like(g)
-        c = np.linalg.lstsq(self.G.T, g, rcond=1e-12)[0]
-        return self.G.T @ c
+        A = self.G / _row_scales(self.G)[:, None]
+        s = _scale(g)
+        c = np.linalg.lstsq(A.T, g / s, rcond=1e-12)[0]
+        return s * (A.T @ c)
 
 
-def _cone_coefficients(G: np.ndarray, K: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """argmin_{c >= 0} ||G^T c - g||, on the Gram matrix K = G G^T.
+class _ConeBase(_RowsSet):
+    """Cone(G) and its dual HalfSpaces(G) share the NNLS on unit-length rows."""
 
-    The cone does not change when rows are rescaled, so the NNLS runs on unit-length rows (Gram
-    D^-1 K D^-1, D = diag of row norms) and the coefficients are mapped back; per-sample gradient norms
-    spanning many orders of magnitude would otherwise break the active set's sign tests.
-    """
-    if G.shape[0] == 0:
-        return np.zeros(0)
-    norms = np.sqrt(np.clip(np.diag(K), 0.0, None))
-    live = norms > 0
-    c = np.zeros(G.shape[0])
-    if not live.any():
-        return c
-    d = norms[live]
-    Kn = K[np.ix_(live, live)] / np.outer(d, d)
-    bn = (G[live] @ g) / d
-    c[live] = _nnls_gram(Kn, bn, max(np.max(np.abs(bn)), 1.0)) / d
-    return c
+    def _unit(self):
+        """(rows G_i / ||G_i||, their Gram matrix, rows that are not zero).
+
+        The cone does not change when rows are rescaled, so the NNLS runs on unit-length rows and its
+        coefficients map back; per-sample gradient norms spanning many orders of magnitude would
+        otherwise break the active set's sign tests. Each row is first divided by a power of two near
+        its largest entry, so that its norm neither overflows nor underflows.
+        """
+        if "unit" not in self._cache:
+            div = _row_scales(self.G)
+            K = _Rows(self.G, div).gram()
+            norms = np.sqrt(np.diag(K)).copy()
+            live = norms > 0
+            norms[~live] = 1.0
+            self._cache["unit"] = (_Rows(self.G, div, post=norms), K / np.outer(norms, norms), live)
+        return self._cache["unit"]
+
+    def _unit_coefficients(self, g: np.ndarray) -> tuple[np.ndarray, float]:
+        """(c, s): the projection of g onto the cone is s * sum_i c_i G_i / ||G_i|| (s a power of two)."""
+        rows, K, live = self._unit()
+        c = np.zeros(self.n)
+        s = _scale(g)
+        if live.any():
+            b = rows.dot(g / s)
+            c[live] = _active_set(K[np.ix_(live, live)], b[live])
+        return c, s
+
+    def _cone_point(self, g: np.ndarray) -> np.ndarray:
+        c, s = self._unit_coefficients(g)
+        return s * self._unit()[0].combine(c)
 
 
-class Cone(_RowsSet):
-    """{G^T c : c >= 0}. Projection = NNLS in the coefficients, solved on the Gram matrix."""
+class Cone(_ConeBase):
+    """{G^T c : c >= 0}. Projection = NNLS in the coefficients, solved on the Gram matrix of unit rows."""
 
     bounded = False
 
     def coefficients(self, g: np.ndarray) -> np.ndarray:
-        return _cone_coefficients(self.G, self.K, g)
+        """c >= 0 with project(g) = G^T c (in G's own units; may overflow if G and g differ by > 1e300)."""
+        c, s = self._unit_coefficients(real_array("g", g, 1))
+        rows = self._unit()[0]
+        with np.errstate(over="ignore"):
+            return c * s / rows.div / rows.post
 
     def _project(self, g):
-        return self.G.T @ self.coefficients(g)
+        return self._cone_point(g)
 
 
-class HalfSpaces(_RowsSet):
+class HalfSpaces(_ConeBase):
     """{z : G z >= 0}: GEM's constraint set (do not increase any general loss to first order).
 
     It is the dual cone of Cone(G), so by Moreau's decomposition P(g) = g + P_Cone(G)(-g) (README s. 4).
@@ -248,7 +436,7 @@ class HalfSpaces(_RowsSet):
     bounded = False
 
     def _project(self, g):
-        return g + self.G.T @ _cone_coefficients(self.G, self.K, -g)
+        return g + self._cone_point(-g)
 
 
 class HalfSpace(FeasibleSet):
@@ -258,7 +446,10 @@ class HalfSpace(FeasibleSet):
 
     def __init__(self, a, offset: float = 0.0):
         self.a = real_array("a", a, 1)
-        self.offset = float(offset)
+        try:
+            self.offset = float(offset)
+        except (TypeError, ValueError):
+            raise ValueError(f"offset: expected a finite number, got {offset!r}") from None
         if not math.isfinite(self.offset):
             raise ValueError("offset: expected a finite number")
         if not np.any(self.a) and self.offset > 0:
@@ -269,20 +460,24 @@ class HalfSpace(FeasibleSet):
         return self.a.shape[0]
 
     def _project(self, g):
-        aa = self.a @ self.a
-        viol = self.a @ g - self.offset
+        s = _scale(self.a)  # {z : <a/s, z> >= offset/s} is the same set, with O(1) products
+        a = self.a / s
+        viol = a @ g - self.offset / s
+        aa = a @ a
         if viol >= 0 or aa == 0:
             return g.copy()
-        return g - (viol / aa) * self.a
+        return g - (viol / aa) * a
 
 
 class Hull(_RowsSet):
     """{G^T c : c >= 0, sum c = 1}, the convex hull of the rows.
 
-    Projection: g is first replaced by q, its projection onto the affine hull (Pythagoras: same answer,
-    better conditioned). With h_i = g_i - q the problem is the minimum-norm point of conv{h_i}; it equals
-    the NNLS min_{u >= 0} ||H^T u||^2 + tau^2 (1 - 1^T u)^2, any tau > 0, rescaled by 1/sum(u)
-    (README section 4, [ours]).
+    Projection: the quadratic program min 1/2 ||G^T c - g||^2 over the simplex, solved by the active-set
+    method with each face's KKT system, in coordinates centred at the vertex v = G_p nearest to g: with
+    D_i = G_i - v and r = g - v it is min 1/2 c^T (D D^T) c - (D r)^T c. Centring near the answer keeps
+    the Gram entries at the scale of the geometry around it (rows sharing a large common component, or
+    small rows next to a huge one, do not cancel), and there is no ||g||^2 term, so a target far from the
+    hull costs no accuracy. D and r are scaled by powers of two; one Gram matrix is cached per centre.
     """
 
     def __init__(self, G):
@@ -290,26 +485,39 @@ class Hull(_RowsSet):
         if self.n == 0:
             raise ValueError("G: the convex hull of zero rows is empty; expected n >= 1")
 
+    def _centred(self, p: int):
+        """(rows D / t, their Gram matrix, s, m, t): D = G / s - m with m = G_p / s; s, t powers of two."""
+        key = ("centred", p)
+        if key not in self._cache:
+            s, n = _scale(self.G), self.n
+            m = self.G[p] / s
+            spread = _Rows(self.G, np.full(n, s), center=m)
+            t = max((_scale(spread.block(blk)) for blk in spread.blocks), default=1.0)
+            rows = _Rows(self.G, np.full(n, s), center=m, post=np.full(n, t))
+            self._cache[key] = (rows, rows.gram(), s, m, t)
+        return self._cache[key]
+
+    def _nearest_vertex(self, g: np.ndarray) -> int:
+        s = _scale(self.G)
+        rows = _Rows(self.G, np.full(self.n, s), center=_shrink(g, s))
+        sq = np.zeros(self.n)
+        for blk in rows.blocks:
+            sq += np.sum(rows.block(blk) ** 2, axis=1)
+        return int(np.argmin(sq))
+
     def coefficients(self, g: np.ndarray) -> np.ndarray:
-        n, K = self.n, self.K
-        one = np.ones(n)
-        # Pythagoras: first replace g by q, its projection onto the affine hull of the rows (coefficients
-        # alpha, sum alpha = 1), so that the Gram entries below do not cancel at the scale of ||g||^2.
-        border = np.block([[K, one[:, None]], [one[None, :], np.zeros((1, 1))]])
-        alpha = np.linalg.lstsq(border, np.append(self.G @ g, 1.0), rcond=None)[0][:n]
-        Ka = K @ alpha
-        QH = K - np.outer(Ka, one) - np.outer(one, Ka) + (alpha @ Ka) * np.outer(one, one)
-        tau2 = float(np.max(np.diag(QH))) if np.max(np.diag(QH)) > 0 else 1.0  # any tau > 0 works; match scale
-        Q = QH + tau2 * np.outer(one, one)
-        u = _nnls_gram(Q, tau2 * one, float(np.max(np.diag(Q))))
-        return u / u.sum()
+        """c on the simplex with project(g) = G^T c."""
+        g = real_array("g", g, 1)
+        rows, K, s, m, t = self._centred(self._nearest_vertex(g))
+        r = _shrink(_shrink(g, s) - m, t)
+        return _active_set(K, rows.dot(r), simplex=True)
 
     def _project(self, g):
         return self.G.T @ self.coefficients(g)
 
     def _lmo(self, g):
         # a linear function over a polytope peaks at a vertex; ties -> lowest row index
-        return self.G[int(np.argmax(self.G @ g))].copy()
+        return self.G[int(np.argmax(self._scores(g)))].copy()
 
 
 class Ball(FeasibleSet):
@@ -317,8 +525,8 @@ class Ball(FeasibleSet):
 
     def __init__(self, center, radius: float):
         self.center = real_array("center", center, 1)
-        if not (isinstance(radius, (int, float, np.floating, np.integer)) and math.isfinite(radius)
-                and radius >= 0):
+        if not (isinstance(radius, (int, float, np.floating, np.integer)) and not isinstance(radius, bool)
+                and math.isfinite(radius) and radius >= 0):
             raise ValueError(f"radius: expected a finite number >= 0, got {radius!r}")
         self.radius = float(radius)
 
@@ -328,11 +536,11 @@ class Ball(FeasibleSet):
 
     def _project(self, g):
         r = g - self.center
-        nr = np.linalg.norm(r)
+        nr = _norm(r)
         return g.copy() if nr <= self.radius else self.center + (self.radius / nr) * r
 
     def _lmo(self, g):
-        ng = np.linalg.norm(g)
+        ng = _norm(g)
         # tie rule: g = 0 makes every point a maximiser; return the center
         return self.center.copy() if ng == 0 else self.center + (self.radius / ng) * g
 
@@ -364,7 +572,7 @@ class SubsetAverages(_RowsSet):
 
     def select(self, g: np.ndarray) -> np.ndarray:
         """Sorted row indices of the lmo subset."""
-        s = self.G @ g
+        s = self._scores(np.asarray(g, dtype=np.float64))  # positively rescaled scores: the same ranking
         order = np.argsort(-s, kind="stable")
         best = np.sort(order[: self.k])
         if np.all(self.w == self.w[0]):
@@ -384,7 +592,7 @@ class SubsetAverages(_RowsSet):
 
     def released_rule(self, g: np.ndarray) -> np.ndarray:
         """The released code: top-k of the token-weighted scores w_i <g_i, g>, then the weighted mean."""
-        s = self.w * (self.G @ g)
+        s = self.w * self._scores(np.asarray(g, dtype=np.float64))
         return np.sort(np.argsort(-s, kind="stable")[: self.k])
 
     def _project(self, g):
@@ -392,13 +600,14 @@ class SubsetAverages(_RowsSet):
         if math.comb(n, k) > self.max_enum:
             raise ValueError(f"S: projection onto SubsetAverages enumerates C({n},{k}) subsets, more than "
                              f"max_enum={self.max_enum}; use lmo or Hull")
-        b, K = self.G @ g, self.K
+        rows, K = self._scaled()  # ||avg - g||^2 - ||g||^2 in units of the rows' scale: no overflow
+        b = rows.dot(_shrink(g, rows.div[0] if n else 1.0))
         best, best_val = None, np.inf
         for S in combinations(range(n), k):  # lexicographic, so ties go to the first subset
             idx = np.array(S)
             c = self.w[idx] / self.w[idx].sum()
             val = c @ K[np.ix_(idx, idx)] @ c - 2 * c @ b[idx]
-            if val < best_val - 1e-12 * (abs(best_val) if np.isfinite(best_val) else 1.0):
+            if best is None or val < best_val - 1e-12 * abs(best_val):
                 best, best_val = idx, val
         return self.average(best)
 
@@ -493,7 +702,7 @@ def negative_filtering(g, G, frac: float = 1.0, weights=None):
     if not (isinstance(frac, (int, float)) and 0.0 <= frac <= 1.0):
         raise ValueError(f"frac: expected a number in [0, 1], got {frac!r}")
     w = _weights(weights, G_np.shape[0])
-    s = G_np @ g_np
+    s = _Rows(G_np, np.full(G_np.shape[0], _scale(G_np))).dot(g_np / _scale(g_np))  # signs and order of <g_i, g>
     neg = np.where(s < 0)[0]
     drop = neg[np.argsort(s[neg], kind="stable")][: int(math.floor(frac * neg.size))]
     keep = np.ones(G_np.shape[0], dtype=bool)
@@ -504,7 +713,12 @@ def negative_filtering(g, G, frac: float = 1.0, weights=None):
 
 def support(g, S: FeasibleSet) -> float:
     """The support function max_{z in S} <g, z> (bounded sets only)."""
-    return float(real_array("g", g, 1) @ real_array("lmo", lmo(g, S), 1))
+    g_np, z = real_array("g", g, 1), real_array("lmo", lmo(g, S), 1)
+    sg, sz = _scale(g_np), _scale(z)
+    try:  # the product of the O(1) parts, then both powers of two at once: no intermediate over/underflow
+        return math.ldexp(float((g_np / sg) @ (z / sz)), math.frexp(sg)[1] + math.frexp(sz)[1] - 2)
+    except OverflowError:
+        raise ValueError(f"g: the support value overflows float64 (|g| ~ {sg:.3g}, |lmo| ~ {sz:.3g})") from None
 
 
 # ----------------------------------------------------------------------------- moments of projected updates

@@ -456,3 +456,110 @@ def test_cone_and_gem_on_rows_of_very_different_norms():
     q = project(g, HalfSpaces(G))
     assert np.min(unit @ q) >= -1e-8 * np.linalg.norm(g)     # feasible: G q >= 0
     np.testing.assert_allclose(q - g, project(-g, Cone(G)), atol=1e-8 * np.linalg.norm(g))  # Moreau
+
+
+# ----------------------------------------------------------------------------- scale and termination (issue 18)
+
+
+TRIANGLE = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+
+
+@pytest.mark.parametrize("s", [1e-30, 1e-8, 1e-7, 1e-6, 1.0, 1e8, 1e30])
+def test_hull_example_of_the_issue_is_scale_equivariant(s):
+    """Hull of s*[[1,0],[0,1],[-1,-1]] with g = s*[3,3] is s*[0.5, 0.5] at every scale (it was
+    [0.498, 0.502] at 1e-7 and [4e-16, -4e-16] at 1e-8)."""
+    z = project(s * np.array([3.0, 3.0]), Hull(s * TRIANGLE))
+    np.testing.assert_allclose(z / s, [0.5, 0.5], rtol=1e-13)
+
+
+def test_tiny_gradients_are_projected_with_relative_tolerances():
+    """bf16 per-sample gradients can be 1e-13: an absolute tolerance used to zero them."""
+    np.testing.assert_allclose(project(np.array([1e-13, -1e-13]), Cone(np.eye(2))), [1e-13, 0.0], rtol=1e-14)
+    z = project(np.array([-1e-13, 1e-13]), HalfSpaces(np.eye(2)))
+    np.testing.assert_allclose(z, [0.0, 1e-13], rtol=1e-14)
+    assert np.all(z >= 0)  # inside the set (it used to return g)
+
+
+@pytest.mark.parametrize("s", [1e-300, 1e-200, 1e-160, 1e160, 1e200, 1e300])
+def test_extreme_scales_give_the_right_answer_for_every_set(s):
+    """Beyond 1e+-160 the Gram entries over/underflow: NaN, LinAlgError, a TypeError from SubsetAverages
+    and a wrong Ball before; Hull at 1e200 hung in lstsq."""
+    G, g = s * TRIANGLE, s * np.array([3.0, 3.0])
+    expected = {Hull(G): [0.5, 0.5], Cone(G): [3.0, 3.0], HalfSpaces(G): [0.0, 0.0], Span(G): [3.0, 3.0],
+                SubsetAverages(G, 2): [0.5, 0.5], HalfSpace(G[0]): [3.0, 3.0],
+                Ball(G[0], 2.0 * s): [1 + 4 / 13**0.5, 6 / 13**0.5]}
+    for S, want in expected.items():
+        np.testing.assert_allclose(project(g, S) / s, want, rtol=1e-12, atol=1e-15, err_msg=type(S).__name__)
+    np.testing.assert_allclose(lmo(g, Ball(G[0], s)) / s, [1 + 0.5**0.5, 0.5**0.5], rtol=1e-14)
+    assert np.array_equal(lmo(g, Hull(G)), G[0]) and np.allclose(lmo(g, SubsetAverages(G, 2)) / s, [0.5, 0.5])
+    assert np.isclose(support(g / s, Hull(G)) / s, 3.0)
+
+
+def test_hull_at_1e200_returns_at_once():
+    import time
+
+    start = time.perf_counter()
+    z = project(1e200 * np.array([1.0, 1.0]), Hull(1e200 * np.eye(2)))
+    assert time.perf_counter() - start < 5.0
+    np.testing.assert_allclose(z, [5e199, 5e199], rtol=1e-14)
+
+
+def test_active_set_terminates_on_rank_deficient_problems_and_reprojections_at_1e30():
+    """The issue's counts: 1 of 500 rank-2 6x5 problems did not converge, 346 of 500 re-projections at 1e30."""
+    rng = np.random.default_rng(18)
+    for _ in range(500):
+        G = rng.standard_normal((6, 2)) @ rng.standard_normal((2, 5))
+        g = rng.standard_normal(5)
+        for make in (Cone, Hull, HalfSpaces):
+            z = project(g, make(G))
+            scale = 1 + np.linalg.norm(g)
+            assert np.linalg.norm(project(z, make(G)) - z) <= 1e-7 * scale, make.__name__
+            z30 = project(1e30 * z, make(1e30 * G))
+            assert np.linalg.norm(project(z30, make(1e30 * G)) - z30) <= 1e-7 * 1e30 * scale, make.__name__
+
+
+def test_the_iteration_cap_raises_a_clear_error():
+    from theory.projection import ProjectionError, _active_set
+
+    K, b = np.eye(3), np.ones(3)  # needs three entries
+    assert np.allclose(_active_set(K, b), 1.0)
+    with pytest.raises(ProjectionError, match="did not converge in 1 iterations"):
+        _active_set(K, b, max_iter=1)
+
+
+scales = st.integers(-30, 30).map(lambda k: 10.0**k)
+
+
+def scaled_sets(G, g, seed, s):
+    """The convex sets of `convex_sets` built on s*G (offsets and radii scaled to match)."""
+    rng = np.random.default_rng(seed)
+    offset, radius = float(rng.normal()), float(rng.uniform(0.1, 2.0))
+    return [(Span(G), Span(s * G)), (Cone(G), Cone(s * G)), (Hull(G), Hull(s * G)),
+            (HalfSpaces(G), HalfSpaces(s * G)), (HalfSpace(G.mean(0), offset), HalfSpace(G.mean(0), s * offset)),
+            (Ball(G[0], radius), Ball(s * G[0], s * radius))]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10**6), deficient=st.booleans(), s=scales)
+def test_projection_is_scale_equivariant_and_matches_cvxpy(seed, deficient, s):
+    """P(s g; s G) / s equals cvxpy's projection of g on G for s over 1e-30..1e30."""
+    G, g = instance(seed, deficient)
+    for S, S_s in scaled_sets(G, g, seed, s):
+        z = project(s * g, S_s) / s
+        assert np.all(np.isfinite(z))
+        assert np.linalg.norm(z - cvx_project(g, S)) <= 1e-6 * (1 + np.linalg.norm(g)), type(S).__name__
+        assert np.linalg.norm(z - project(g, S)) <= 1e-9 * (1 + np.linalg.norm(g)), type(S).__name__
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 10**6), s=scales, weighted=st.booleans())
+def test_subset_rules_are_scale_invariant_and_match_brute_force(seed, s, weighted):
+    G, g = instance(seed, n_max=6)
+    n = G.shape[0]
+    w = np.random.default_rng(seed).integers(1, 50, n).astype(float) if weighted else np.ones(n)
+    k = max(1, n // 2)
+    S = SubsetAverages(s * G, k, w)
+    np.testing.assert_allclose(project(s * g, S) / s, brute_project(g, G, k, w), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lmo(s * g, S) / s, brute_lmo(g, G, k, w)[0], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lmo(s * g, Hull(s * G)) / s, lmo(g, Hull(G)), rtol=1e-15)
+    assert np.array_equal(negative_filtering(s * g, s * G)[1], negative_filtering(g, G)[1])
