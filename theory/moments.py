@@ -347,7 +347,7 @@ def _closed_form(s: _Setup):
         return _assemble(np.ones((X, 1)), blocks, np.exp(s.log_pi))
 
     succ = prob.rewards  # success probability of each action (0/1 for deterministic binary rewards)
-    q_plus, p = _normalise(s.sampler * succ)
+    q_plus, p = _normalise(s.sampler * succ, success=True)
     q_minus, _ = _normalise(s.sampler * (1 - succ))
     cs = np.arange(G + 1)
     act3 = np.broadcast_to(acts, (X, G + 1, K))
@@ -367,7 +367,7 @@ def _closed_form(s: _Setup):
         return _assemble(P, blocks, np.exp(s.log_pi))
 
     if sc == "mixed":
-        qb_plus, pb = _normalise(s.beta * succ)
+        qb_plus, pb = _normalise(s.beta * succ, success=True)
         qb_minus, _ = _normalise(s.beta * (1 - succ))
         ud_plus = _row_weights(s, act3, A_plus, demo=True)
         ud_minus = _row_weights(s, act3, A_minus, demo=True)
@@ -392,9 +392,12 @@ def _closed_form(s: _Setup):
     return _assemble(P, blocks, np.exp(s.log_pi))
 
 
-def _normalise(v):
+def _normalise(v, success: bool = False):
+    """(v / its row sums, the row sums). A success probability is a sum of softmax probabilities, which can
+    round to 1 + 1 ulp when every action succeeds; binom.pmf returns NaN for p > 1, so it is clipped."""
     tot = v.sum(-1)
-    return v / np.where(tot > 0, tot, 1.0)[:, None], tot
+    out = v / np.where(tot > 0, tot, 1.0)[:, None]
+    return out, (np.clip(tot, 0.0, 1.0) if success else tot)
 
 
 def _assemble(P, blocks, pi):

@@ -335,3 +335,35 @@ def test_sequence_identities_and_length_bias():
     assert length_drift(m["seq_mean_token_mean"], prob, theta) > length_drift(m["token_mean"], prob, theta) > 1e-6
     with pytest.raises(ValueError, match="group_size"):
         sequence_moments(preset("grpo"), prob, theta, 8, max_outcomes=100)
+
+
+# ---- a success probability of 1 + 1 ulp (issue 18 item 2)
+
+
+def test_all_correct_context_whose_success_probability_rounds_above_one():
+    """sum(softmax([0.1, 0.2, 0.3])) rounds to 1 + 1 ulp; binom.pmf(., ., p > 1) is NaN, so the mean was NaN."""
+    logits = np.array([[0.1, 0.2, 0.3]])
+    from scipy.special import log_softmax
+
+    assert np.exp(log_softmax(logits, axis=-1)).sum() > 1.0  # the premise of the example, as moments computes it
+    prob = FiniteProblem(np.ones((1, 3)), np.ones(1))
+    m = exact_moments(preset("grpo"), prob, logits, 4)
+    e = exact_moments(preset("grpo"), prob, logits, 4, method="enumeration")
+    assert np.array_equal(m.mean, np.zeros((1, 3))) and m.variance == 0.0
+    assert np.allclose(m.mean, e.mean, atol=TOL) and np.allclose(m.cov, e.cov, atol=TOL)
+
+
+@pytest.mark.parametrize("scheme, name", [("on_policy", "grpo"), ("on_policy", "reinforce"), ("mixed", "luffy"),
+                                          ("hpt_gate", "hpt_paper")])
+def test_random_logits_on_all_correct_contexts_give_finite_moments(scheme, name):
+    """8 of 200 random logits were NaN for an all-correct context; every scheme now agrees with enumeration."""
+    rng = np.random.default_rng(18)
+    R = np.array([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
+    beta = np.full((2, 3), 1 / 3)
+    prob = FiniteProblem(R, np.array([0.5, 0.5]), beta)
+    for _ in range(50):
+        theta = rng.normal(scale=3.0, size=(2, 3))
+        m = exact_moments(preset(name), prob, theta, 3, scheme)
+        e = exact_moments(preset(name), prob, theta, 3, scheme, method="enumeration")
+        assert np.all(np.isfinite(m.mean)) and np.all(np.isfinite(m.cov))
+        assert np.allclose(m.mean, e.mean, atol=TOL) and np.allclose(m.cov, e.cov, atol=TOL)
