@@ -62,6 +62,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, nargs="+", help="pass@k values (default powers of two up to n)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut (default; as the trainer's rollouts)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--reward", default="math", help="math | exact | module:function (default math)")
@@ -75,7 +76,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _eval_run(a: argparse.Namespace) -> int:
     from scale.evaluate import evaluate
 
-    r = evaluate(a.model, a.data, n=a.n, ks=a.k, temperature=a.temperature, top_p=a.top_p,
+    r = evaluate(a.model, a.data, n=a.n, ks=a.k, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                  max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, reward=a.reward,
                  chat_template=a.chat_template, limit=a.limit, seed=a.seed, out=a.out, samples=a.samples)
     print(json.dumps({"num_prompts": r["num_prompts"], "n": r["n"], **r["metrics"]}))

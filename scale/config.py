@@ -227,7 +227,8 @@ EVAL_KINDS = ("generate", "sft", "dpo")
 class EvalSet:
     name: str = ""                    # metrics are logged as eval/<name>/<metric>
     path: str = ""                    # JSONL / parquet / folder
-    kind: str = "generate"            # generate (prompt, answer) | sft (prompt, completion) | dpo (prompt, chosen, rejected)
+    kind: str = "generate"            # generate (prompt, answer) | sft (prompt, completion) |
+    #                                   dpo (prompt, chosen, rejected)
     limit: int = 0                    # first `limit` rows (0: all)
 
 

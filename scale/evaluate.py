@@ -19,7 +19,9 @@ a completion is correct when its reward is at least `threshold` (0.5). With c co
     pass@k = 1 - C(n - c, k) / C(n, k)     (the unbiased estimator of Chen et al. 2021, for k <= n)
     avg@n  = c / n
 
-each averaged over prompts. The results JSON holds the settings, `metrics` ({"pass@k": ..., "avg@n": ...}),
+each averaged over prompts (also per level and role when the rows have `level` / `role` columns, e.g.
+"L3/avg@8"), and all_fail, the fraction of prompts with no correct sample. The results JSON holds the
+settings (sampling included: temperature, top_p, top_k), `metrics` ({"pass@k": ..., "avg@n": ...}),
 and `per_prompt` ([{"id", "n", "correct"}]); `samples` (a JSONL path) also writes every completion.
 """
 
@@ -47,31 +49,36 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def grade(rows: list[dict], completions: list[list[str]], reward_fn, n: int, ks: list[int],
-          threshold: float = 0.5) -> tuple[list[dict], dict[str, float]]:
-    """Grade n completions per row: (per_prompt, metrics).
-
-    per_prompt: [{"id", "n", "correct", "rewards", and "level" when the row has one}];
-    metrics: "pass@k" for each k, "avg@n", and the same per level as "L<level>/pass@k", "L<level>/avg@n"
-    when rows carry a level (each averaged over that level's prompts).
-    """
+def grade(rows: list[dict], completions: list[list[str]], reward_fn, n: int,
+          threshold: float = 0.5) -> list[dict]:
+    """Grade n completions per row -> per_prompt [{"id", "n", "correct", "rewards", and the row's "level" /
+    "role" when it has them}]."""
     per_prompt = []
     for r, comps in zip(rows, completions):
         rewards = [float(x) for x in reward_fn(comps, [r["answer"]] * len(comps))]
         p = {"id": r["id"], "n": n, "correct": sum(x >= threshold for x in rewards), "rewards": rewards}
-        if "level" in r:
-            p["level"] = r["level"]
-        per_prompt.append(p)
-    metrics = _summary(per_prompt, n, ks)
-    for lv in sorted({p["level"] for p in per_prompt if "level" in p}, key=str):
-        sub = _summary([p for p in per_prompt if p.get("level") == lv], n, ks)
-        metrics.update({f"L{lv}/{k}": v for k, v in sub.items()})
-    return per_prompt, metrics
+        per_prompt.append({**p, **{k: r[k] for k in GROUPS if k in r}})
+    return per_prompt
 
 
-def _summary(per_prompt: list[dict], n: int, ks: list[int]) -> dict[str, float]:
-    out = {f"pass@{k}": sum(pass_at_k(n, p["correct"], k) for p in per_prompt) / len(per_prompt) for k in ks}
-    out[f"avg@{n}"] = sum(p["correct"] / n for p in per_prompt) / len(per_prompt)
+GROUPS = {"level": "L", "role": ""}   # optional row columns that metrics are also reported by, with a prefix
+
+
+def metrics_of(per_prompt: list[dict], n: int, ks: list[int]) -> dict[str, float]:
+    """"pass@k" for each k, "avg@n", "all_fail" (no correct sample), "greedy" when the records carry a greedy
+    result, each over all prompts and, when records carry them, per level ("L3/avg@8") and role ("middle/...")."""
+    def one(ps):
+        m = {f"pass@{k}": sum(pass_at_k(n, p["correct"], k) for p in ps) / len(ps) for k in ks}
+        m[f"avg@{n}"] = sum(p["correct"] / n for p in ps) / len(ps)
+        m["all_fail"] = sum(p["correct"] == 0 for p in ps) / len(ps)
+        if all("greedy" in p for p in ps):
+            m["greedy"] = sum(p["greedy"] for p in ps) / len(ps)
+        return m
+
+    out = one(per_prompt)
+    for col, prefix in GROUPS.items():
+        for v in sorted({p[col] for p in per_prompt if col in p}, key=str):
+            out.update({f"{prefix}{v}/{k}": x for k, x in one([p for p in per_prompt if p.get(col) == v]).items()})
     return out
 
 
@@ -93,8 +100,7 @@ def load_benchmark(path: str | Path, tokenizer, chat_template: bool = False, lim
             prompt = [{"role": "user", "content": prompt}]
         row = {"id": i if ex.get("id") is None else ex["id"], "prompt": render_prompt(prompt, tokenizer),
                "answer": str(ex["answer"])}
-        if ex.get("level") is not None:  # optional: metrics are then also reported per level
-            row["level"] = ex["level"]
+        row.update({k: ex[k] for k in GROUPS if ex.get(k) is not None})  # optional: metrics also per group
         rows.append(row)
     return rows
 
@@ -179,7 +185,8 @@ def evaluate(model, data: str | Path, *, tokenizer=None, n: int = 1, ks: list[in
     t0 = time.perf_counter()
     completions = generate(model, tokenizer, [r["prompt"] for r in rows], n=n, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, top_k=top_k)
-    per_prompt, metrics = grade(rows, completions, reward_fn, n, ks, threshold)
+    per_prompt = grade(rows, completions, reward_fn, n, threshold)
+    metrics = metrics_of(per_prompt, n, ks)
     sample_rows = [{**r, "completions": comps, "rewards": p["rewards"]}
                    for r, comps, p in zip(rows, completions, per_prompt)]
     for p in per_prompt:

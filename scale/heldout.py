@@ -5,7 +5,8 @@ Three kinds of held-out set (`eval.sets[i].kind`):
     generate   prompt, answer (optional id, level): n completions per prompt sampled with the trainer's own
                rollout settings (generation.temperature / top_p / top_k, the same function as the rollouts),
                graded by the reward; metrics avg@n, pass@k (unbiased, k <= n), greedy accuracy (one greedy
-               decode per prompt), each overall and per level ("L3/avg@8")
+               decode per prompt), each overall, per level ("L3/avg@8") and per role ("middle/avg@8") when
+               the set has `level` / `role` columns
     sft        prompt, completion: f_sft = the SFT loss on the set (mean token negative log-likelihood)
     dpo        prompt, chosen, rejected: f_dpo = the DPO loss against the reference model (mean over pairs,
                beta = method.dpo.beta) and pref_accuracy = fraction of pairs with a positive implicit margin
@@ -32,6 +33,7 @@ from scale.methods import Row, collate
 
 class HeldOut:
     def __init__(self, trainer, context: int):
+        from scale.evaluate import GROUPS
         from scale.train import prepare_data
 
         self.t, self.cfg = trainer, trainer.cfg.eval
@@ -40,7 +42,7 @@ class HeldOut:
             need = {"generate": "rl", "sft": "sft", "dpo": "dpo"}[s.kind]
             max_new = self.cfg.max_new_tokens or trainer.cfg.generation.max_new_tokens
             data = prepare_data(s.path, trainer.cfg, trainer.tok, need, context, limit=s.limit,
-                                columns={}, keep=("id", "level"), max_new_tokens=max_new)
+                                columns={}, keep=("id", *GROUPS), max_new_tokens=max_new)
             self.sets.append((s, data))
         self.reward_fn = None
         if any(s.kind == "generate" for s in self.cfg.sets):
@@ -75,7 +77,7 @@ class HeldOut:
 
     # ------------------------------------------------------------------ generate sets
     def _generate(self, s, data, step):
-        from scale.evaluate import grade
+        from scale.evaluate import GROUPS, grade, metrics_of
 
         t, c = self.t, self.cfg
         mine = list(range(t.acc.process_index, len(data), t.P))
@@ -87,19 +89,19 @@ class HeldOut:
             sampled = t.generate(prompts, c.n, max_new_tokens=max_new)
             greedy = t.generate(prompts, 1, max_new_tokens=max_new, greedy=True) if c.greedy else None
             texts = t.tok.batch_decode(sampled, skip_special_tokens=True)
-            rows = [{"id": e.get("id", i), "answer": e["answer"], **({"level": e["level"]} if "level" in e else {})}
+            rows = [{"id": e.get("id", i), "answer": e["answer"], **{k: e[k] for k in GROUPS if k in e}}
                     for i, e in zip(mine[lo:lo + c.batch_size], chunk)]
-            per, _ = grade(rows, [texts[j * c.n:(j + 1) * c.n] for j in range(len(chunk))], self.reward_fn, c.n, [1])
+            per = grade(rows, [texts[j * c.n:(j + 1) * c.n] for j in range(len(chunk))], self.reward_fn, c.n)
             if greedy is not None:
                 g_texts = t.tok.batch_decode(greedy, skip_special_tokens=True)
-                g_per, _ = grade(rows, [[x] for x in g_texts], self.reward_fn, 1, [1])
+                g_per = grade(rows, [[x] for x in g_texts], self.reward_fn, 1)
                 for p, g in zip(per, g_per):
                     p["greedy"] = g["correct"]
             for p in per:
                 del p["rewards"]
             local += per
         per_prompt = [p for part in _gather(t.acc, local) for p in part]
-        return _generate_metrics(per_prompt, c.n, self.ks, c.greedy), \
+        return metrics_of(per_prompt, c.n, self.ks), \
             [{"step": step, "set": s.name, **p} for p in per_prompt]
 
     @property
@@ -153,22 +155,6 @@ class HeldOut:
         if records and self.t.acc.is_main_process and self.cfg.records:
             with open(self.t.out / "eval_records.jsonl", "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
-
-
-def _generate_metrics(per_prompt: list[dict], n: int, ks: list[int], greedy: bool) -> dict[str, float]:
-    from scale.evaluate import _summary
-
-    def one(ps):
-        m = _summary(ps, n, ks)
-        if greedy:
-            m["greedy"] = sum(p["greedy"] for p in ps) / len(ps)
-        m["all_fail"] = sum(p["correct"] == 0 for p in ps) / len(ps)
-        return m
-
-    out = one(per_prompt)
-    for lv in sorted({p["level"] for p in per_prompt if "level" in p}, key=str):
-        out.update({f"L{lv}/{k}": v for k, v in one([p for p in per_prompt if p.get("level") == lv]).items()})
-    return out
 
 
 def _gather(acc, obj: list) -> list[list]:

@@ -122,7 +122,7 @@ def pool(level: int, split: str) -> list[tuple[int, ...]]:
 def example(level: int, operands: tuple[int, ...]) -> dict:
     """One row with every column any data set of the world uses."""
     question, steps, value = solve(level, operands)
-    return {"prompt": prompt_of(question), "answer": str(value), "level": level,
+    return {"prompt": prompt_of(question), "answer": str(value), "level": level, "role": LEVELS[level].role,
             "worked": worked(steps, value), "terse": terse(value)}
 
 
@@ -164,8 +164,8 @@ def write_world(out_dir: str | Path, n_train: int = 256, n_test: int = 64, n_pro
                         disjoint from sft_terse.jsonl's
       sft_terse.jsonl   prompt, completion (terse)                       levels 1-4, n_train per level
     held out (test problems)
-      test.jsonl        id, prompt, answer, level                        n_test per level
-      probe.jsonl       id, prompt, answer, level                        the first n_probe of test.jsonl per level
+      test.jsonl        id, prompt, answer, level, role                  n_test per level
+      probe.jsonl       id, prompt, answer, level, role                  the first n_probe of test.jsonl per level
       test_sft.jsonl    prompt, completion (worked): sft.jsonl's loss    n_test per level
       test_terse.jsonl  prompt, completion (terse): sft_terse's loss     levels 1-4, n_test per level
       test_pref.jsonl   prompt, chosen, rejected: dpo.jsonl's loss       levels 1-4, n_test per level
@@ -181,9 +181,9 @@ def write_world(out_dir: str | Path, n_train: int = 256, n_test: int = 64, n_pro
         "rl": _cols(_all(train), prompt="prompt", answer="answer", completion="worked", level="level"),
         "dpo": _cols(_all(pref), prompt="prompt", chosen="worked", rejected="terse"),
         "sft_terse": _cols(_all({lv: train[lv] for lv in (1, 2, 3, 4)}), prompt="prompt", completion="terse"),
-        "test": _cols(tests, id="id", prompt="prompt", answer="answer", level="level"),
+        "test": _cols(tests, id="id", prompt="prompt", answer="answer", level="level", role="role"),
         "probe": _cols([r for r in tests if int(r["id"].split("-")[1]) < n_probe],
-                       id="id", prompt="prompt", answer="answer", level="level"),
+                       id="id", prompt="prompt", answer="answer", level="level", role="role"),
         "test_sft": _cols(_all(test), prompt="prompt", completion="worked"),
         "test_terse": _cols(_all({lv: test[lv] for lv in (1, 2, 3, 4)}), prompt="prompt", completion="terse"),
         "test_pref": _cols(_all({lv: test[lv] for lv in (1, 2, 3, 4)}), prompt="prompt", chosen="worked",
@@ -210,7 +210,8 @@ def build(root: str | Path, ladder: bool = False) -> dict[str, Path]:
     import shutil
     import time
 
-    from toy.pretrain import ladder as measure, pretrained_base
+    from toy.pretrain import ladder as measure
+    from toy.pretrain import pretrained_base
 
     root = Path(root)
     paths = write_world(root / "data")

@@ -41,9 +41,10 @@ def base_overrides(world, method: str, data: str, out: Path, **extra) -> list[st
     opts = {"model.path": str(world["model"]), "data.path": str(world[data]), "method.name": method,
             "run.output_dir": str(out), "run.max_steps": 2, "run.batch_size": 4, "run.lr": 1e-2,
             "run.progress": False, "run.save_model": False, "generation.n": 4, "generation.max_new_tokens": 8,
-            "method.rl.reward": "tests.scale.conftest:parity_reward", "data.max_length": 96}
+            "method.rl.reward": "tests.scale.conftest:parity_reward", "data.max_length": 96,
+            "eval.sets": [], "data.pref_path": ""}  # the shipped configs' held-out sets live in runs/tiny
     opts.update(extra)
-    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in opts.items()]
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) or not v else v}" for k, v in opts.items()]
 
 
 def read_metrics(out: Path) -> list[dict]:

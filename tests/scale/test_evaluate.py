@@ -84,7 +84,9 @@ def test_evaluate_with_a_reward_that_knows_the_answer(tmp_path, tiny, monkeypatc
     r = evaluate(tiny, f, n=4, ks=[1, 2, 4], max_new_tokens=3, batch_size=2, reward="parity_reward:every_other",
                  samples=tmp_path / "s.jsonl")
     assert r["per_prompt"] == [{"id": i, "n": 4, "correct": 2} for i in range(3)]
-    assert r["metrics"] == pytest.approx({"pass@1": 0.5, "pass@2": _brute(4, 2, 2), "pass@4": 1.0, "avg@4": 0.5})
+    assert r["metrics"] == pytest.approx({"pass@1": 0.5, "pass@2": _brute(4, 2, 2), "pass@4": 1.0, "avg@4": 0.5,
+                                          "all_fail": 0.0})
+    assert (r["temperature"], r["top_p"], r["top_k"]) == (1.0, 1.0, 0)   # the sampling settings are recorded
     lines = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and all(len(x["completions"]) == 4 and len(x["rewards"]) == 4 for x in lines)
 
@@ -94,7 +96,20 @@ def test_greedy_is_deterministic(tmp_path, tiny):
     f.write_text(json.dumps({"prompt": "What is 3 + 4?\n", "answer": "7"}) + "\n")
     r = evaluate(tiny, f, n=2, temperature=0.0, max_new_tokens=4, samples=tmp_path / "s.jsonl")
     comps = json.loads((tmp_path / "s.jsonl").read_text())["completions"]
-    assert comps[0] == comps[1] and set(r["metrics"]) == {"pass@1", "pass@2", "avg@2"}
+    assert comps[0] == comps[1] and set(r["metrics"]) == {"pass@1", "pass@2", "avg@2", "all_fail"}
+
+
+def test_metrics_per_level_and_role():
+    """metrics_of groups by the records' level and role; each group's numbers are its own prompts' means."""
+    from scale.evaluate import metrics_of
+
+    recs = [{"correct": c, "n": 4, "level": lv, "role": role, "greedy": g}
+            for c, lv, role, g in [(4, 1, "easy", 1), (2, 1, "easy", 1), (0, 3, "middle", 0), (1, 3, "middle", 1)]]
+    m = metrics_of(recs, 4, [1, 4])
+    assert m["avg@4"] == pytest.approx(7 / 16) and m["greedy"] == pytest.approx(0.75)
+    assert m["L1/avg@4"] == pytest.approx(0.75) and m["L3/avg@4"] == pytest.approx(0.125)
+    assert m["middle/all_fail"] == pytest.approx(0.5) and m["easy/pass@4"] == pytest.approx(1.0)
+    assert m["L3/pass@4"] == pytest.approx(0.5) and m["middle/greedy"] == pytest.approx(0.5)
 
 
 def test_cli_eval_end_to_end(tmp_path, tiny, capsys):
@@ -107,7 +122,7 @@ def test_cli_eval_end_to_end(tmp_path, tiny, capsys):
     assert main(["eval", str(tiny), str(f), "--n", "2", "--max-new-tokens", "4", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["num_prompts"] == 2 and res["n"] == 2 and [p["id"] for p in res["per_prompt"]] == ["q0", "q1"]
-    assert set(res["metrics"]) == {"pass@1", "pass@2", "avg@2"}
+    assert set(res["metrics"]) == {"pass@1", "pass@2", "avg@2", "all_fail"} and res["top_k"] == 0
     assert all(0.0 <= v <= 1.0 for v in res["metrics"].values())
     assert '"pass@1"' in capsys.readouterr().out
     # bad input: one clear error line, exit code 2, before any generation

@@ -1,5 +1,5 @@
 """toy.pretrain: the cached base is built once, atomically, keyed by the recipe; the tiny tokenizer
-reloads unchanged; and (slow) the full recipe gives non-zero sampled accuracy on level-1 prompts."""
+reloads unchanged; and (slow) the full recipe gives the ladder its roles (easy / middle / hard rungs)."""
 
 import json
 import os
@@ -7,9 +7,9 @@ import os
 import pytest
 
 import toy.pretrain as pretrain
-from toy.pretrain import Recipe, pretrained_base, sampled_accuracy
+from toy.pretrain import Recipe, ladder, pretrained_base
 
-SMALL = Recipe(n_examples=64, steps=3, batch_size=8, hidden_size=32, intermediate_size=64)
+SMALL = Recipe(n_examples=64, steps=3, batch_size=8, hidden_size=32, intermediate_size=64, num_layers=1)
 
 
 def test_tokenizer_roundtrip(tmp_path):
@@ -18,10 +18,12 @@ def test_tokenizer_roundtrip(tmp_path):
 
     from toy.tasks import make_mixed
     from toy.tiny import make_tokenizer, save_tiny_model
+    from toy.world import LEVELS, examples
 
     path = save_tiny_model(tmp_path / "m", hidden_size=16, intermediate_size=32)
     a, b = make_tokenizer(), AutoTokenizer.from_pretrained(path)
     texts = [r["prompt"] + r["completion"] + r["rejected"] for r in make_mixed(200, (1, 2, 3, 4, 5), seed=0)]
+    texts += [r["prompt"] + r["worked"] + r["terse"] for lv in LEVELS for r in examples(lv, "train", 30)]
     texts.append(b.apply_chat_template([{"role": "user", "content": "What is 12 + 3?"}], tokenize=False,
                                        add_generation_prompt=True))
     assert all(a(t)["input_ids"] == b(t)["input_ids"] for t in texts)
@@ -60,15 +62,21 @@ def test_losing_the_race_keeps_the_winner(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == [final.name]
 
 
-def test_sampled_accuracy_runs(tmp_path):
+def test_ladder_runs(tmp_path):
     path = pretrained_base(tmp_path, recipe=SMALL)
-    acc = sampled_accuracy(path, level=1, n_prompts=4, max_new_tokens=4)
-    assert 0.0 <= acc <= 1.0
+    out = ladder(path, n_prompts=3, n=2, max_new_tokens=4, levels=(1, 5))
+    assert set(out) == {1, 5}
+    assert all(0.0 <= v <= 1.0 for m in out.values() for v in m.values()) and "avg@2" in out[1]
 
 
 @pytest.mark.slow
-def test_full_base_solves_level_one_sometimes():
-    """The real recipe (about 30 s to build on one CPU thread) must give RL something to reinforce:
-    sampled accuracy at temperature 1 on 100 held-out level-1 prompts above 10% (measured: 0.43)."""
-    path = pretrained_base()
-    assert sampled_accuracy(path, level=1, n_prompts=100, temperature=1.0) > 0.10
+def test_full_base_gives_every_rung_its_role():
+    """The real recipe (about 7 CPU-minutes to build) on 64 held-out prompts per level, 8 samples each:
+    easy rungs greedy >= 0.8, middle rungs avg@8 in [0.1, 0.5], hard rungs all-8-fail > 0.9.
+    Measured (README): greedy 1.00 / 0.89; avg@8 0.24 / 0.19; all-fail 1.00 / 0.97."""
+    from toy.world import ROLES
+
+    out = ladder(pretrained_base())
+    assert all(out[lv]["greedy"] >= 0.8 for lv in ROLES["easy"]), out
+    assert all(0.1 <= out[lv]["avg@8"] <= 0.5 for lv in ROLES["middle"]), out
+    assert all(out[lv]["all_fail"] > 0.9 for lv in ROLES["hard"]), out

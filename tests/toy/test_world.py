@@ -7,8 +7,19 @@ import random
 
 import pytest
 
-from toy.world import LEVELS, ROLES, SLIPS, example, examples, pool, pretraining_pairs, problems, solve, split_of, \
-    write_world
+from toy.world import (
+    LEVELS,
+    ROLES,
+    SLIPS,
+    example,
+    examples,
+    pool,
+    pretraining_pairs,
+    problems,
+    solve,
+    split_of,
+    write_world,
+)
 
 
 def _read(path):

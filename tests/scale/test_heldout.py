@@ -1,0 +1,124 @@
+"""The eval: section: held-out metrics at step 0, every N steps and at the end, per level; f_sft and f_dpo
+equal plain-loop references; evaluation does not change the training run; resume trims the records;
+bad eval config fails naming the key."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scale.config import load_config
+from scale.train import Trainer
+from tests.scale.conftest import base_overrides, read_metrics
+
+
+def _sets(world, *kinds):
+    files = {"generate": world["test"], "sft": world["sft"], "dpo": world["dpo"]}
+    return json.dumps([{"name": f"h{k}", "path": str(files[k]), "kind": k, "limit": 6} for k in kinds])
+
+
+def _cfg(world, out, method="rl", data="rl", **extra):
+    return load_config(None, base_overrides(world, method, data, out, **extra))
+
+
+def test_eval_logged_at_start_every_and_end_with_records(world, tmp_path):
+    out = tmp_path / "run"
+    t = Trainer(_cfg(world, out, **{"run.max_steps": 3, "eval.every": 2, "eval.n": 4,
+                                    "eval.sets": json.loads(_sets(world, "generate", "sft", "dpo"))}))
+    t.train()
+    rows = read_metrics(out)
+    evals = {r["step"]: r for r in rows if "eval/hgenerate/avg@4" in r}
+    assert sorted(evals) == [0, 2, 3]
+    for r in evals.values():
+        for k in ("avg@4", "pass@1", "pass@2", "pass@4", "greedy", "all_fail", "L1/avg@4", "L2/avg@4"):
+            assert 0.0 <= r[f"eval/hgenerate/{k}"] <= 1.0, k
+        assert r["eval/hgenerate/pass@1"] == pytest.approx(r["eval/hgenerate/avg@4"])
+        assert math.isfinite(r["eval/hsft/f_sft"]) and r["eval/hsft/f_sft"] > 0
+        assert 0.0 <= r["eval/hdpo/pref_accuracy"] <= 1.0
+    assert evals[0]["eval/hdpo/f_dpo"] == pytest.approx(math.log(2), abs=1e-5)   # policy == reference
+    recs = [json.loads(x) for x in (out / "eval_records.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 * 4 and {r["step"] for r in recs} == {0, 2, 3}   # test.jsonl has 4 prompts
+    assert all(0 <= r["correct"] <= r["n"] == 4 and r["greedy"] in (0, 1) and "level" in r for r in recs)
+    # the logged avg@n is the records' mean
+    for step, r in evals.items():
+        mine = [x for x in recs if x["step"] == step]
+        assert r["eval/hgenerate/avg@4"] == pytest.approx(sum(x["correct"] for x in mine) / (4 * len(mine)))
+
+
+def test_heldout_objectives_equal_plain_references(world, tmp_path):
+    t = Trainer(_cfg(world, tmp_path / "run", method="sft", data="sft",
+                     **{"eval.sets": json.loads(_sets(world, "sft", "dpo"))}))
+    with torch.no_grad():
+        for p in t._model().parameters():   # move away from the reference so f_dpo is not log 2
+            p.add_(0.01 * torch.randn_like(p))
+    m, _ = t.heldout.run(1)
+    model, ref = t._model(), t.ref.model
+
+    def seq_logp(mdl, ids, plen):
+        x = torch.tensor([ids])
+        lp = torch.log_softmax(mdl(input_ids=x).logits[0, :-1].double(), -1)
+        return lp[torch.arange(plen - 1, len(ids) - 1), x[0, plen:]]
+
+    with torch.no_grad():
+        (_, sft), (_, pref) = t.heldout.sets
+        nll = [-seq_logp(model, e["completion"]["input_ids"], e["completion"]["prompt_len"]) for e in sft]
+        f_sft = float(torch.cat(nll).sum() / sum(len(x) for x in nll))
+        margins = []
+        for e in pref:
+            lr = [seq_logp(mdl, e[k]["input_ids"], e[k]["prompt_len"]).sum() for mdl in (model, ref)
+                  for k in ("chosen", "rejected")]
+            margins.append(0.1 * ((lr[0] - lr[2]) - (lr[1] - lr[3])))
+        margins = torch.stack(margins)
+    assert m["eval/hsft/f_sft"] == pytest.approx(f_sft, rel=1e-5)
+    assert m["eval/hdpo/f_dpo"] == pytest.approx(float(-F.logsigmoid(margins).mean()), rel=1e-4)
+    assert m["eval/hdpo/pref_accuracy"] == pytest.approx(float((margins > 0).double().mean()))
+
+
+def test_evaluation_does_not_change_training(world, tmp_path):
+    def losses(out, **extra):
+        Trainer(_cfg(world, out, **{"run.max_steps": 3, **extra})).train()
+        return [(r["loss"], r["reward"]) for r in read_metrics(out) if "loss" in r]
+
+    plain = losses(tmp_path / "a")
+    with_eval = losses(tmp_path / "b", **{"eval.every": 1, "eval.sets": json.loads(_sets(world, "generate"))})
+    assert plain == with_eval
+
+
+def test_resume_trims_records_past_the_checkpoint(world, tmp_path):
+    extra = {"run.max_steps": 4, "eval.every": 1, "eval.sets": json.loads(_sets(world, "generate"))}
+    Trainer(_cfg(world, tmp_path / "full", **extra)).train()
+    out = tmp_path / "run"
+    Trainer(_cfg(world, out, **{**extra, "run.stop_after": 2})).train()   # checkpoint at step 2
+    with open(out / "eval_records.jsonl", "a") as f:   # a record the killed run wrote after its checkpoint
+        f.write(json.dumps({"step": 3, "set": "hgenerate", "id": 0, "n": 8, "correct": 8}) + "\n")
+    Trainer(_cfg(world, out, **{**extra, "run.resume": True})).train()
+    assert (out / "eval_records.jsonl").read_text() == (tmp_path / "full" / "eval_records.jsonl").read_text()
+
+
+@pytest.mark.parametrize("override,key", [
+    ('eval.sets=[{name: a, path: x.jsonl, kind: rank}]', "eval.sets[0].kind"),
+    ('eval.sets=[{name: a, path: x.jsonl}, {name: a, path: y.jsonl}]', "eval.sets"),
+    ('eval.sets=[{name: "", path: x.jsonl}]', "eval.sets[0].name"),
+    ('eval.sets=[{name: a}]', "eval.sets[0].path"),
+    ('eval.sets=[{name: a, path: x.jsonl, colour: red}]', "eval.sets[0].colour"),
+    ("eval.ks=[16]", "eval.ks"),
+    ("eval.every=-1", "eval.every"),
+    ("eval.n=0", "eval.n"),
+    ("generation.top_k=-1", "generation.top_k"),
+])
+def test_bad_eval_config_names_the_key(world, tmp_path, override, key):
+    with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, base_overrides(world, "rl", "rl", tmp_path) + [override])
+
+
+def test_missing_eval_file_fails_before_the_model_loads(world, tmp_path, monkeypatch):
+    import scale.train as train
+
+    monkeypatch.setattr(train.Trainer, "_load_model", lambda *a: pytest.fail("model loaded"))
+    cfg = _cfg(world, tmp_path, **{"eval.sets": [{"name": "a", "path": str(tmp_path / "nope.jsonl")}]})
+    with pytest.raises(ValueError, match="nope.jsonl"):
+        Trainer(cfg)
