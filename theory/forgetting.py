@@ -8,7 +8,8 @@ The model (reference/xright.md s1.2): pi_theta(y | x) = softmax_y(theta . phi[x,
 
 Both are convex (log-sum-exp plus linear; softplus of an affine margin: the partition function cancels
 in the DPO log-ratio difference), smooth, with bounded gradients. `LogLinearProblem` gives exact values,
-gradients, Hessians, optima (damped Newton on the subspace the objective depends on), the Pareto front,
+gradients, Hessians, optima (Levenberg-Marquardt Newton on the subspace the objective depends on, each
+certified by its gradient norm or refused with OptimumNotCertified), the Pareto front,
 the ideal point and the Chebyshev point that MAXRIGHT targets. An instance whose infimum is not attained
 (DPO pairs that some direction separates, i.e. no conflicting pairs; SFT targets with zeros that the
 class only approaches in the limit) is detected by a linear program and raises `NoFiniteMinimiser`.
@@ -20,6 +21,7 @@ returns the trajectory and its cost in gradient evaluations. `sequential_lower_b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -31,8 +33,8 @@ from scipy.special import expit, log_softmax
 from theory._checks import unit_interval
 from theory.schedules import Schedule, cost
 
-__all__ = ["LogLinearProblem", "NoFiniteMinimiser", "ParetoFront", "Run", "run_schedule", "gd_batch",
-           "sequential_final", "alright_step", "maxright_bound",
+__all__ = ["LogLinearProblem", "NoFiniteMinimiser", "OptimumNotCertified", "ParetoFront", "Run", "run_schedule",
+           "gd_batch", "sequential_final", "alright_step", "maxright_bound",
            "random_problem", "toy_problem", "SequentialBound", "sequential_lower_bound",
            "alright_rate_bound", "maxright_bound"]
 
@@ -43,6 +45,10 @@ class NoFiniteMinimiser(ValueError):
     """The objective's infimum is not attained: some direction decreases it for ever."""
 
 
+class OptimumNotCertified(RuntimeError):
+    """The solver could not bring the gradient norm below the stated tolerance (it says so, never silently)."""
+
+
 class ParetoFront(NamedTuple):
     lams: np.ndarray     # [n] DPO weights
     thetas: np.ndarray   # [n, d] argmin of f_mix,lam
@@ -50,8 +56,15 @@ class ParetoFront(NamedTuple):
     f_dpo: np.ndarray    # [n]
 
 
+def _float_array(a, name: str) -> np.ndarray:
+    try:
+        return np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a real array, got {type(a).__name__}") from None
+
+
 def _distribution(a, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
+    a = _float_array(a, name)
     if a.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
     if not np.all(np.isfinite(a)) or np.any(a < 0):
@@ -71,7 +84,7 @@ class LogLinearProblem:
     """
 
     def __init__(self, features, sft_weights, pref_weights, beta: float = 0.1, theta_ref=None):
-        phi = np.asarray(features, dtype=np.float64)
+        phi = _float_array(features, "features")
         if phi.ndim != 3 or min(phi.shape) < 1 or phi.shape[1] < 2:
             raise ValueError(f"features: expected shape [X, Y >= 2, d], got {phi.shape}")
         if not np.all(np.isfinite(phi)):
@@ -81,9 +94,10 @@ class LogLinearProblem:
         P = _distribution(pref_weights, "pref_weights", (X, Y, Y))
         if np.any(np.einsum("xyy->xy", P) != 0):
             raise ValueError("pref_weights: pairs with y_w == y_l (the diagonal) must have weight zero")
-        if not (np.isscalar(beta) and np.isfinite(beta) and beta > 0):
+        if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)) \
+                or not (math.isfinite(beta) and beta > 0):
             raise ValueError(f"beta: expected a positive number, got {beta!r}")
-        ref = np.zeros(d) if theta_ref is None else np.asarray(theta_ref, dtype=np.float64)
+        ref = np.zeros(d) if theta_ref is None else _float_array(theta_ref, "theta_ref")
         if ref.shape != (d,) or not np.all(np.isfinite(ref)):
             raise ValueError(f"theta_ref: expected a finite vector of shape ({d},), got shape {ref.shape}")
         self.phi, self.S, self.P, self.beta, self.theta_ref = phi, S, P, float(beta), ref
@@ -97,10 +111,16 @@ class LogLinearProblem:
         self._opt_cache: dict[float, tuple[np.ndarray, float]] = {}
 
     # ---- values and derivatives -------------------------------------------------------------------
-    def _theta(self, theta) -> np.ndarray:
-        t = np.asarray(theta, dtype=np.float64)
+    def _theta(self, theta, name: str = "theta", finite: bool = False) -> np.ndarray:
+        """theta as float64 [..., d]; `finite` for starting points (evaluations let inf through: diverged runs)."""
+        try:
+            t = np.asarray(theta, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a real array of shape [..., {self.dim}]") from None
         if t.ndim < 1 or t.shape[-1] != self.dim:
-            raise ValueError(f"theta: expected shape [..., {self.dim}], got {t.shape}")
+            raise ValueError(f"{name}: expected shape [..., {self.dim}], got {t.shape}")
+        if finite and not np.all(np.isfinite(t)):
+            raise ValueError(f"{name}: expected finite values")
         return t
 
     def log_policy(self, theta) -> np.ndarray:
@@ -115,11 +135,11 @@ class LogLinearProblem:
         return np.einsum("x,...xy,xyd->...d", self.ctx_mass, pi, self.phi) - self.sft_mean
 
     def hess_sft(self, theta) -> np.ndarray:
-        """sum_x s_x Cov_{pi(.|x)}(phi[x, .]) for one theta [d] -> [d, d]."""
+        """sum_x s_x Cov_{pi(.|x)}(phi[x, .]): theta [..., d] -> [..., d, d]."""
         pi = np.exp(self.log_policy(theta))
-        mean = np.einsum("xy,xyd->xd", pi, self.phi)
-        second = np.einsum("x,xy,xyd,xye->de", self.ctx_mass, pi, self.phi, self.phi)
-        return second - np.einsum("x,xd,xe->de", self.ctx_mass, mean, mean)
+        mean = np.einsum("...xy,xyd->...xd", pi, self.phi)
+        second = np.einsum("x,...xy,xyd,xye->...de", self.ctx_mass, pi, self.phi, self.phi)
+        return second - np.einsum("x,...xd,...xe->...de", self.ctx_mass, mean, mean)
 
     def margins(self, theta) -> np.ndarray:
         """DPO margins m_k = beta (theta - theta_ref) . (phi_w - phi_l) for the pairs with weight: [..., K]."""
@@ -132,9 +152,10 @@ class LogLinearProblem:
         return -self.beta * (expit(-self.margins(theta)) * self.pair_w) @ self.pair_diff
 
     def hess_dpo(self, theta) -> np.ndarray:
+        """sum_k p_k beta^2 sigma(m_k) sigma(-m_k) diff_k diff_k^T: theta [..., d] -> [..., d, d]."""
         m = self.margins(theta)
         c = self.beta**2 * self.pair_w * expit(m) * expit(-m)
-        return np.einsum("k,kd,ke->de", c, self.pair_diff, self.pair_diff)
+        return np.einsum("...k,kd,ke->...de", c, self.pair_diff, self.pair_diff)
 
     def f_mix(self, theta, lam: float) -> np.ndarray:
         lam = unit_interval("lam", lam)
@@ -224,8 +245,12 @@ class LogLinearProblem:
     def optimum(self, lam: float, theta0=None) -> tuple[np.ndarray, float]:
         """(theta*, f*) minimising lam f_dpo + (1 - lam) f_sft; theta* is the minimiser of least norm.
 
-        Damped Newton in the coordinates of `_basis` (where the Hessian is positive definite), stopped
-        when the Newton decrement^2 < 1e-20. Raises NoFiniteMinimiser when the infimum is not attained.
+        Certified: ||grad f_mix,lam(theta*)|| <= `gradient_tolerance(lam)` = 1e-9 (1 + G), G the bound on
+        the gradient norm (`constants`), or OptimumNotCertified is raised with the norm reached. Solver:
+        Levenberg-Marquardt Newton (`_minimise`) in the coordinates of `_basis`, which crosses the flat
+        regions of saturated sigmoids and softmaxes, from theta0 if given, else from the better of theta = 0
+        and theta_ref (where every DPO margin is 0), the other start being the fallback. Raises
+        NoFiniteMinimiser when the infimum is not attained.
         """
         lam = unit_interval("lam", lam)
         if theta0 is None and lam in self._opt_cache:
@@ -235,35 +260,80 @@ class LogLinearProblem:
         if not ok:
             raise NoFiniteMinimiser(why)
         B = self._basis(lam)
-        z = np.zeros(B.shape[1]) if theta0 is None else B.T @ self._theta(theta0)
-        f = lambda th: lam * self.f_dpo(th) + (1 - lam) * self.f_sft(th)  # noqa: E731
-        for _ in range(200):
-            th = B @ z
-            g = B.T @ self.grad_mix(th, lam)
-            H = B.T @ (lam * self.hess_dpo(th) + (1 - lam) * self.hess_sft(th)) @ B
-            step = -np.linalg.solve(H, g) if B.shape[1] else z
-            dec = float(-g @ step)
-            # f - f* ~ dec / 2: below 1e-20 (or a step at rounding level) float64 cannot see progress
-            if dec < 1e-20 or np.linalg.norm(step) <= 1e-14 * (1.0 + np.linalg.norm(z)):
+        f = lambda z: float(self.f_mix(B @ z, lam))  # noqa: E731
+        if theta0 is not None:
+            starts = [B.T @ self._theta(theta0, "theta0", finite=True)]
+        else:  # theta = 0, and for DPO theta_ref's part in the basis (margins 0: no saturation there)
+            starts = [np.zeros(B.shape[1])] + ([B.T @ self.theta_ref] if lam > 0 else [])
+            starts.sort(key=f)
+        tol = self.gradient_tolerance(lam)
+        best = None
+        for z0 in starts:
+            th = B @ self._minimise(lam, B, z0, tol)
+            gn = float(np.linalg.norm(self.grad_mix(th, lam)))
+            if best is None or gn < best[1]:
+                best = (th, gn)
+            if gn <= tol:
                 break
-            if dec < 1e-10:  # inside the quadratic region, where f differences drown in rounding: full step
-                z = z + step
-                continue
-            t, f0 = 1.0, f(th)
-            while f(B @ (z + t * step)) > f0 - 0.25 * t * dec and t > 1e-12:
-                t *= 0.5
-            if t <= 1e-12:  # no more progress in float64: fine only if the decrement is at rounding level
-                if dec > 1e-12:
-                    raise RuntimeError(f"Newton line search stalled for lam={lam} (decrement {dec:.3g})")
-                break
-            z = z + t * step
-        else:
-            raise RuntimeError(f"Newton did not converge for lam={lam} (decrement {dec:.3g})")
-        th = B @ z
-        out = (th, float(f(th)))
+        th, gn = best
+        if gn > tol:
+            raise OptimumNotCertified(f"lam: the minimiser of f_mix,lam={lam:g} was not certified: "
+                                      f"||grad|| = {gn:.3g} > {tol:.3g} after Levenberg-Marquardt from every start")
+        out = (th, float(self.f_mix(th, lam)))
         if theta0 is None:
             self._opt_cache[lam] = (th.copy(), out[1])
         return out
+
+    def gradient_tolerance(self, lam: float) -> float:
+        """The certificate of `optimum`: 1e-9 (1 + lam G_dpo + (1 - lam) G_sft), G the gradient bounds."""
+        c = self.constants()
+        return 1e-9 * (1.0 + lam * c["G_dpo"] + (1.0 - lam) * c["G_sft"])
+
+    def _minimise(self, lam: float, B: np.ndarray, z: np.ndarray, tol: float, max_iter: int = 500) -> np.ndarray:
+        """Levenberg-Marquardt on f(B z): steps -(H + mu I)^-1 g with mu adapted by the agreement of f with
+        its quadratic model. mu = 0 is Newton's method (quadratic convergence near the optimum, where the
+        Hessian is positive definite in the basis); a large mu is a short gradient step, which always
+        decreases f (mu >= L, the Hessian bound). On saturated sigmoids the Hessian vanishes while the
+        gradient does not: rejected steps raise mu, accepted ones lower it, so the steps grow geometrically
+        across the plateau. Near the optimum f differences drown in rounding, so a step is also accepted
+        when f stays level and the gradient shrinks. Stops once certified (||g|| <= tol) and no longer
+        improving, or when even tiny steps fail; the caller checks the certificate.
+        """
+        if B.shape[1] == 0:
+            return z
+        c = self.constants()
+        L = max(lam * c["L_dpo"] + (1 - lam) * c["L_sft"], 1e-300)
+        f = lambda z: float(self.f_mix(B @ z, lam))  # noqa: E731
+        grad = lambda z: B.T @ self.grad_mix(B @ z, lam)  # noqa: E731
+        fz, g, mu = f(z), grad(z), 0.0
+        for _ in range(max_iter):
+            gn = float(np.linalg.norm(g))
+            if gn == 0.0:
+                break
+            th = B @ z
+            ev, V = np.linalg.eigh(B.T @ (lam * self.hess_dpo(th) + (1 - lam) * self.hess_sft(th)) @ B)
+            ev, Vg = np.clip(ev, 0.0, None), V.T @ g
+            while mu <= 1e12 * L:
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # huge trial steps: rejected
+                    step = -V @ (Vg / np.maximum(ev + mu, 1e-300))
+                    pred = -float(g @ step) - 0.5 * float(np.sum(ev * (V.T @ step) ** 2))  # model decrease > 0
+                    z_new = z + step
+                    f_new = f(z_new) if np.isfinite(pred) else np.nan
+                if np.isfinite(f_new) and f_new <= fz - 1e-4 * pred:
+                    g_new = grad(z_new)
+                    break
+                if np.isfinite(f_new) and abs(f_new - fz) <= 1e-14 * (1.0 + abs(fz)):
+                    g_new = grad(z_new)  # f level at rounding: judge by the gradient instead
+                    if np.linalg.norm(g_new) < gn:
+                        break
+                if gn <= tol:  # certified, and the step does not improve: done
+                    return z
+                mu = max(8.0 * mu, 1e-12 * L)
+            else:
+                return z  # no step decreases f, even a tiny gradient step: rounding level
+            z, fz, g = z_new, f_new, g_new
+            mu = mu / 4.0 if mu > 1e-10 * L else 0.0
+        return z
 
     def gap_mix(self, theta, lam: float) -> np.ndarray:
         """f_mix,lam(theta) - f*_mix,lam (>= 0)."""
@@ -405,7 +475,7 @@ def run_schedule(problem: LogLinearProblem, schedule: Schedule, steps: int, thet
     if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
         raise ValueError(f"batch_size: expected a positive integer or None, got {batch_size!r}")
     lr = _lr_fn(lr)
-    theta = problem._theta(theta0).astype(np.float64).copy()
+    theta = problem._theta(theta0, "theta0", finite=True).copy()
     if theta.shape != (problem.dim,):
         raise ValueError(f"theta0: expected shape ({problem.dim},), got {theta.shape}")
     rng = np.random.default_rng(seed)

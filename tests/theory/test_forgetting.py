@@ -378,3 +378,70 @@ def test_maxright_reaches_the_chebyshev_point_not_the_mix_optimum():
     # ALRIGHT with the same steps goes to argmin f_mix instead
     al = run_schedule(p, Alright(lam, seed=0), T, th0, lr=lambda t: lrs[t])
     assert p.gap_mix(al.averaged_theta(), lam) < 0.2 * gap_c
+
+
+# ---- saturated sigmoids and softmaxes (issue 18 items 3 and 5) ------------------------------------------
+
+
+def saturated(seed, scale, beta, X=3, Y=3, d=3, features=1.0):
+    """random_problem with theta_ref = scale * N(0, I) (DPO margins saturate at theta = 0) and features
+    multiplied by `features` (softmaxes saturate)."""
+    p = random_problem(seed, X, Y, d, beta)
+    theta_ref = scale * np.random.default_rng(seed + 1).normal(size=d)
+    return LogLinearProblem(p.phi * features, p.S, p.P, beta=beta, theta_ref=theta_ref)
+
+
+def test_saturated_example_of_the_issue_is_certified():
+    """Damped Newton returned theta = 0 with f* = 65.7 > f(theta_ref) = log 2 and |grad| = 2 without a word
+    (the Newton direction of a numerically singular Hessian had a negative decrement)."""
+    p = saturated(3, scale=30, beta=2)
+    theta, value = p.optimum(1.0)
+    assert np.linalg.norm(p.grad_mix(theta, 1.0)) <= p.gradient_tolerance(1.0)
+    assert value <= p.f_dpo(p.theta_ref) == np.log(2.0)
+    th_c, v_c = cvx_mix(p, 1.0)
+    assert abs(value - v_c) < 1e-8 and p.f_mix(th_c, 1.0) >= value - 1e-12
+
+
+@given(seed=st.integers(0, 10**6), regime=st.sampled_from([(30, 2, 1), (100, 5, 1), (0, 1, 30), (30, 2, 10)]),
+       lam=st.sampled_from([0.0, 0.3, 0.75, 1.0]))
+@settings(max_examples=25, deadline=None)
+def test_saturated_optima_are_certified_and_match_cvxpy(seed, regime, lam):
+    scale, beta, features = regime
+    p = saturated(seed, scale, beta, features=features)
+    theta, value = p.optimum(lam)
+    assert np.linalg.norm(p.grad_mix(theta, lam)) <= p.gradient_tolerance(lam)
+    th_c, v_c = cvx_mix(p, lam)
+    assert abs(value - v_c) <= 1e-7 * (1 + abs(value))
+    assert p.f_mix(th_c, lam) >= value - 1e-10 * (1 + abs(value))
+
+
+def test_an_uncertified_optimum_raises(monkeypatch):
+    from theory.forgetting import OptimumNotCertified
+
+    p = saturated(3, scale=30, beta=2)
+    monkeypatch.setattr(LogLinearProblem, "_minimise", lambda self, lam, B, z, tol: z)  # a solver that gives up
+    with pytest.raises(OptimumNotCertified, match="not certified"):
+        p.optimum(1.0)
+
+
+def test_hessians_take_a_batch_of_theta():
+    p = random_problem(1, 2, 3, 3)
+    thetas = np.random.default_rng(0).normal(size=(4, 5, 3))
+    for hess in (p.hess_sft, p.hess_dpo):
+        H = hess(thetas)
+        assert H.shape == (4, 5, 3, 3)
+        assert np.allclose(H[2, 3], hess(thetas[2, 3]), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("call, arg", [
+    (lambda p: p.optimum(0.5, theta0=[np.nan] * 2), "theta0"),
+    (lambda p: run_schedule(p, Mix(0.5), 3, [np.inf, 0.0], 0.1), "theta0"),
+    (lambda p: LogLinearProblem(p.phi, p.S, p.P, beta="2"), "beta"),
+    (lambda p: LogLinearProblem(p.phi, p.S, p.P, beta=True), "beta"),
+    (lambda p: LogLinearProblem("features", p.S, p.P), "features"),
+    (lambda p: p.f_sft("x"), "theta"),
+])
+def test_more_bad_inputs_name_the_argument(call, arg):
+    p = random_problem(0, 2, 3, 2)
+    with pytest.raises(ValueError, match=arg):
+        call(p)
