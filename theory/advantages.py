@@ -1,8 +1,10 @@
 """Advantage estimators: rewards of grouped samples -> one advantage per sample.
 
 Every estimator takes `rewards` of shape [B], with B = n_groups * group_size and the samples of one
-prompt stored contiguously (rows g*G .. g*G+G-1), and returns advantages of shape [B] in the
-rewards' dtype. Registry `ADVANTAGES` maps a name to the function; `compute(name, ...)` validates.
+prompt stored contiguously (rows g*G .. g*G+G-1), and returns advantages of shape [B] in float64
+whatever the rewards' dtype (float32 rewards near 3e38 would overflow in their own dtype; lists and
+integers are read as float64). Registry `ADVANTAGES` maps a name to the function; `compute(name, ...)`
+validates.
 
 | name         | A_i                                              | used by                        |
 |--------------|--------------------------------------------------|--------------------------------|
@@ -22,8 +24,10 @@ would leave (NeMo-RL #4161 is the bug this prevents).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from theory._checks import positive_int
@@ -105,12 +109,15 @@ ADVANTAGES: dict[str, Callable[..., Tensor]] = {
 
 
 def compute(name: str, rewards, group_size: int, **options) -> Tensor:
-    """Validate and dispatch. `rewards`: [B] (tensor or array-like); `group_size` divides B."""
-    if name not in ADVANTAGES:
+    """Validate and dispatch. `rewards`: [B] (tensor or array-like); `group_size` divides B. float64 out."""
+    if not isinstance(name, str) or name not in ADVANTAGES:
         raise ValueError(f"advantage: unknown estimator {name!r}; valid: {sorted(ADVANTAGES)}")
-    rewards = torch.as_tensor(rewards)
-    if not rewards.is_floating_point():
-        rewards = rewards.to(torch.float64)
+    if not isinstance(rewards, Tensor):  # through numpy: torch.as_tensor would read a list as float32
+        try:
+            rewards = torch.from_numpy(np.array(rewards, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise ValueError(f"rewards: expected a tensor or a numeric array, got {type(rewards).__name__}") from None
+    rewards = rewards.to(torch.float64)  # a no-op for float64 rewards: their numbers do not change
     if rewards.dim() != 1:
         raise ValueError(f"rewards: expected shape [B], got {tuple(rewards.shape)}")
     group_size = positive_int("group_size", group_size)
@@ -118,4 +125,9 @@ def compute(name: str, rewards, group_size: int, **options) -> Tensor:
         raise ValueError(f"group_size: B={rewards.numel()} rewards are not divisible by group_size={group_size}")
     if not bool(torch.isfinite(rewards).all()):
         raise ValueError("rewards: contains NaN or infinite values")
+    std_eps, unbiased = options.get("std_eps", 1e-6), options.get("std_unbiased", True)
+    if isinstance(std_eps, bool) or not isinstance(std_eps, (int, float)) or not (0 <= std_eps < math.inf):
+        raise ValueError(f"std_eps: expected a finite non-negative number, got {std_eps!r}")
+    if not isinstance(unbiased, (bool, np.bool_)):
+        raise ValueError(f"std_unbiased: expected a bool, got {unbiased!r}")
     return ADVANTAGES[name](rewards, group_size, **options)

@@ -40,14 +40,21 @@ The tests check both against plain-loop references written from the papers and l
 (tests/theory/test_estimator.py).
 
 Numerics: log-ratios are clamped to [-20, 20] before exponentiation (verl's guard), masked positions
-are replaced by 0 before any arithmetic, so a fully masked row contributes exactly nothing.
+are replaced by 0 before any arithmetic, so a fully masked row contributes exactly nothing. Inputs in
+float16 or bfloat16 are computed in float32 (exp(20) overflows float16), so `loss` and `coefficients`
+come back in float32 for them and in the input's dtype otherwise (float32, float64: numbers unchanged);
+the gradient with respect to a float16 `logp` is stored in float16 by autograd and overflows if a
+coefficient exceeds 65504. Unmasked log-probs must be finite (`old_logp` and `behaviour_logp` may be
+-inf, a reference probability of 0, whose ratio the clamp bounds); NaN or +inf raise ValueError.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from theory import advantages as adv_mod
@@ -108,16 +115,23 @@ class UPGE:
             raise ValueError("shaping: 'luffy' shapes grad pi and needs reference='one'")
         if self.demo_shaping == "luffy" and self.demo_reference != "one":
             raise ValueError("demo_shaping: 'luffy' needs demo_reference='one'")
-        for f in ("eps_low", "eps_high", "shaping_gamma", "std_eps", "log_ratio_clamp"):
+        for f in ("eps_low", "eps_high", "shaping_gamma", "std_eps", "log_ratio_clamp", "clip_c"):
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v != v:
                 raise ValueError(f"{f}: expected a non-negative number, got {v!r}")
+        if not math.isfinite(self.log_ratio_clamp):  # exp(inf) is inf: the ratio must stay finite
+            raise ValueError(f"log_ratio_clamp: expected a finite number, got {self.log_ratio_clamp!r}")
+        if not isinstance(self.std_unbiased, (bool, np.bool_)):
+            raise ValueError(f"std_unbiased: expected a bool, got {self.std_unbiased!r}")
         if self.mask == "dual_clip" and not self.clip_c > 1 + self.eps_high:
             raise ValueError(f"clip_c: dual clip needs clip_c > 1 + eps_high, got {self.clip_c!r}")
         if self.shaping_gamma == 0 and "luffy" in (self.shaping, self.demo_shaping):
             raise ValueError("shaping_gamma: must be > 0 for the LUFFY shaping")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise ValueError(f"max_length: expected a positive int or None, got {self.max_length!r}")
+        if self.max_length is not None:
+            L = self.max_length
+            if isinstance(L, (bool, np.bool_)) or not isinstance(L, (int, np.integer)) or L < 1:
+                raise ValueError(f"max_length: expected a positive int or None, got {L!r}")
+            object.__setattr__(self, "max_length", int(L))  # numpy ints are welcome; store a plain int
 
     def replace(self, **options) -> UPGE:
         _check_options(options)
@@ -243,12 +257,14 @@ class UPGE:
         if logp.dim() not in (1, 2):
             raise ValueError(f"logp: expected shape [B, T] or [B], got {tuple(logp.shape)}")
         shape = logp.shape
-        two_d = logp if logp.dim() == 2 else logp[:, None]
+        # float16 / bfloat16 are computed in float32 (exp(20) > float16 max); float32 and float64 as given
+        cd = torch.promote_types(logp.dtype, torch.float32)
+        two_d = (logp if logp.dim() == 2 else logp[:, None]).to(cd)
         B = shape[0]
 
         M = torch.ones_like(two_d, dtype=torch.bool)
         if mask is not None:
-            mask = torch.as_tensor(mask)
+            mask = _as_tensor("mask", mask, floating=False)
             if mask.shape != shape:
                 raise ValueError(f"mask: expected shape {tuple(shape)} (that of logp), got {tuple(mask.shape)}")
             M = (mask != 0).reshape(two_d.shape)
@@ -256,16 +272,17 @@ class UPGE:
         def same(name, x):
             if x is None:
                 return None
-            x = torch.as_tensor(x)
+            x = _as_tensor(name, x)
             if x.shape != shape:
                 raise ValueError(f"{name}: expected shape {tuple(shape)} (that of logp), got {tuple(x.shape)}")
-            x = x.to(logp.dtype).reshape(two_d.shape)
-            if bool(torch.isnan(x[M]).any()):
-                raise ValueError(f"{name}: contains NaN at unmasked positions")
+            x = x.to(cd).reshape(two_d.shape)
+            # -inf is a reference probability of 0 (the clamp bounds its ratio); NaN and +inf are garbage
+            if bool((torch.isnan(x[M]) | (x[M] == math.inf)).any()):
+                raise ValueError(f"{name}: contains NaN or +inf at unmasked positions")
             return x
 
-        if bool(torch.isnan(two_d[M]).any()):
-            raise ValueError("logp: contains NaN at unmasked positions")
+        if not bool(torch.isfinite(two_d[M]).all()):  # -inf * 0 and inf - inf would make the loss NaN
+            raise ValueError("logp: contains NaN or infinite values at unmasked positions")
         if bool((two_d[M] > 1e-4).any()):
             raise ValueError("logp: log-probabilities must be <= 0 (got positive values: logits or probabilities?)")
         old = same("old_logp", old_logp)
@@ -276,15 +293,15 @@ class UPGE:
             if self.advantage != "one":
                 raise ValueError(f"advantages: required (estimator {self.name!r} uses advantage "
                                  f"{self.advantage!r}); compute them with est.advantages(rewards, group_size)")
-            advantages = torch.ones(B, dtype=logp.dtype)
-        A = torch.as_tensor(advantages).to(logp.dtype)
+            advantages = torch.ones(B, dtype=cd)
+        A = _as_tensor("advantages", advantages).to(cd)
         if A.shape != (B,):
             raise ValueError(f"advantages: expected shape [B]=[{B}], got {tuple(A.shape)}")
         if not bool(torch.isfinite(A).all()):
-            raise ValueError("advantages: contains NaN or infinite values")
+            raise ValueError(f"advantages: contains NaN or infinite values (in {cd}, the compute dtype)")
         demo = None
         if is_demo is not None:
-            demo = torch.as_tensor(is_demo).to(torch.bool)
+            demo = _as_tensor("is_demo", is_demo, floating=False).to(torch.bool)
             if demo.shape != (B,):
                 raise ValueError(f"is_demo: expected shape [B]=[{B}], got {tuple(demo.shape)}")
             if bool(demo.any()) and self.demo_reference is None:
@@ -303,13 +320,30 @@ def _denominator(reference, shaping, gamma, lp, lp_d, A):
     return -A * p, A * p, p
 
 
+def _as_tensor(name, x, floating=True) -> Tensor:
+    """A tensor as given, or an array-like converted through float64 numpy (torch would pick float32)."""
+    if isinstance(x, Tensor):
+        return x
+    try:
+        return torch.from_numpy(np.array(x, dtype=np.float64 if floating else None))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a tensor or a numeric array, got {type(x).__name__}") from None
+
+
 def _positive(name, value, default):
+    """A normaliser (num_items, num_seqs, max_length): a count or a length, so finite and >= 1; any int
+    or float type, numpy's included, or a one-element tensor."""
     if value is None:
         return default
     if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a number, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected a finite number >= 1 (a count or a length), got {value!r}")
+    value = int(value) if isinstance(value, (int, np.integer)) else float(value)
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"{name}: expected a finite number >= 1 (a count or a length), got {value!r}")
     return value
 
 
@@ -374,6 +408,6 @@ _add(name="hpt_code", reference="old", advantage="group_mean", mask="none",
 
 def preset(name: str, **options) -> UPGE:
     """The named estimator, with options overridden (e.g. `preset("dapo", eps_high=0.3)`)."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"preset: unknown name {name!r}; valid: {list(PRESETS)}")
     return PRESETS[name].replace(**options)

@@ -3,6 +3,7 @@ degenerate and bad inputs."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -300,3 +301,95 @@ def test_preset_options_override_and_keep_name():
     est = preset("dapo", eps_low=0.1)
     assert (est.name, est.eps_low, est.eps_high) == ("dapo", 0.1, 0.28)
     assert PRESETS["dapo"].eps_low == 0.2  # the registry is not mutated
+
+
+# ------------------------------------------------------------------------------ dtypes and normalisers (issue 18)
+def test_half_precision_log_ratios_are_computed_in_float32():
+    """dr_grpo on float16 logp=-1, old=-13, A=-1: exp(12) > float16 max, so the loss was NaN."""
+    est = preset("dr_grpo")
+    want = math.exp(12.0)  # the ratio; stable for A < 0 and ratio > 1 - eps; one token, S = L = 1
+    for dt in (torch.float16, torch.bfloat16):
+        lp = torch.tensor([[-1.0]], dtype=dt)
+        kw = dict(old_logp=torch.tensor([[-13.0]], dtype=dt), advantages=torch.tensor([-1.0], dtype=dt))
+        loss = est.loss(lp, **kw)
+        w = est.coefficients(lp, **kw)
+        assert loss.dtype == torch.float32 and w.dtype == torch.float32
+        assert math.isclose(loss.item(), want, rel_tol=1e-6) and math.isclose(-w.item(), want, rel_tol=1e-6)
+    # autograd still reaches the half-precision leaf (bf16 holds 1.6e5; float16 would overflow to inf)
+    lp = torch.tensor([[-1.0]], dtype=torch.bfloat16, requires_grad=True)
+    est.loss(lp, old_logp=torch.tensor([[-13.0]]), advantages=torch.tensor([-1.0])).backward()
+    assert lp.grad.dtype == torch.bfloat16 and math.isclose(lp.grad.item(), want, rel_tol=1e-2)
+
+
+def test_float32_and_float64_keep_their_dtype():
+    for dt in (torch.float32, torch.float64):
+        logp, old, M, r, _ = make_batch(0, 2, 3, 4)
+        est = preset("grpo")
+        w = est.coefficients(logp.to(dt), old_logp=old.to(dt), advantages=est.advantages(r, 3), mask=M)
+        assert w.dtype == dt
+
+
+@pytest.mark.parametrize("arg", ["logp", "old_logp", "behaviour_logp"])
+def test_non_finite_log_probs_at_unmasked_positions_are_rejected(arg):
+    """-inf at an unmasked logp gave NaN while NaN there was rejected; masked positions may hold anything."""
+    est = UPGE(reference="behaviour", advantage="given", mask="ppo_clip")
+    base = -torch.rand(2, 3, dtype=F64)
+    M = torch.tensor([[True, True, False], [True, True, True]])
+    bad_values = [math.nan, math.inf] + ([-math.inf] if arg == "logp" else [])
+    for bad in bad_values:
+        kw = {"logp": base.clone(), "old_logp": base.clone(), "behaviour_logp": base.clone()}
+        kw[arg][0, 1] = bad
+        with pytest.raises(ValueError, match=arg):
+            est.loss(kw.pop("logp"), advantages=torch.ones(2, dtype=F64), mask=M, **kw)
+        kw = {"logp": base.clone(), "old_logp": base.clone(), "behaviour_logp": base.clone()}
+        kw[arg][0, 2] = bad  # masked: contributes exactly nothing
+        logp = kw.pop("logp")
+        assert torch.isfinite(est.loss(logp, advantages=torch.ones(2, dtype=F64), mask=M, **kw))
+    # a reference probability of 0 is allowed: the clamp bounds the ratio
+    w = est.coefficients(base, old_logp=base, behaviour_logp=torch.full((2, 3), -math.inf, dtype=F64),
+                         advantages=-torch.ones(2, dtype=F64))
+    assert bool(torch.isfinite(w).all())
+
+
+@pytest.mark.parametrize("arg", ["num_items", "num_seqs", "max_length"])
+def test_normalisers_are_validated_and_accept_any_number_type(arg):
+    """inf and 1e-300 were accepted (inf or 0 weights), numpy's int64(4) was refused."""
+    agg = {"num_items": "global_token_mean", "num_seqs": "seq_mean_token_sum", "max_length": "batch_token_sum_norm"}
+    est = preset("grpo", aggregation=agg[arg])
+    logp, old, M, r, _ = make_batch(1, 2, 2, 3)
+    kw = dict(old_logp=old, advantages=est.advantages(r, 2), mask=M)
+    want = est.coefficients(logp, **kw, **{arg: 4})
+    for ok in (np.int64(4), np.int32(4), 4.0, np.float32(4.0), torch.tensor(4), torch.tensor(4.0)):
+        assert torch.equal(est.coefficients(logp, **kw, **{arg: ok}), want), repr(ok)
+    for bad in (math.inf, math.nan, 1e-300, 0, -4, True, "4", torch.ones(2)):
+        with pytest.raises(ValueError, match=arg):
+            est.coefficients(logp, **kw, **{arg: bad})
+
+
+def test_advantages_of_extreme_float32_rewards_are_finite_and_computed_in_float64():
+    """float32 rewards near 3e38 gave -inf advantages; a Python list was read as float32."""
+    r = torch.tensor([3e38, -3e38, 1e38, 2e38], dtype=torch.float32)
+    for name in ("raw", "group_mean", "group_norm", "batch_norm", "rloo"):
+        a = adv.compute(name, r, 2)
+        assert a.dtype == F64 and bool(torch.isfinite(a).all()), name
+        torch.testing.assert_close(a, adv.compute(name, r.double(), 2), rtol=0, atol=0)
+    listed = adv.compute("group_norm", [0.1, 0.7, 0.3], 3)
+    assert listed.dtype == F64
+    assert torch.equal(listed, adv.compute("group_norm", torch.tensor([0.1, 0.7, 0.3], dtype=F64), 3))
+
+
+def test_more_bad_options_name_the_argument():
+    _err(lambda: preset([]), "preset")
+    _err(lambda: preset({"grpo"}), "preset")
+    _err(lambda: preset("grpo", std_unbiased="yes"), "std_unbiased")
+    _err(lambda: preset("grpo", std_unbiased=None), "std_unbiased")
+    _err(lambda: preset("grpo", log_ratio_clamp=math.inf), "log_ratio_clamp")
+    _err(lambda: preset("grpo", max_length=2.5), "max_length")
+    _err(lambda: adv.compute(["group_norm"], torch.zeros(2), 2), "advantage")
+    _err(lambda: adv.compute("group_norm", ["a", "b"], 2), "rewards")
+    _err(lambda: adv.compute("group_norm", torch.zeros(2), 2, std_unbiased=1), "std_unbiased")
+    assert preset("hpt_code", max_length=np.int64(16)).max_length == 16
+    est = preset("grpo")
+    logp = -torch.rand(4, 3, dtype=F64)
+    _err(lambda: est.loss(logp, advantages=["x"] * 4), "advantages")
+    _err(lambda: est.loss(logp, old_logp=object(), advantages=torch.zeros(4, dtype=F64)), "old_logp")
