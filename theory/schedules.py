@@ -59,6 +59,17 @@ def _check_step(step) -> int:
     return int(step)
 
 
+def _finite(name: str, value) -> float:
+    """A finite real number (an objective value): NaN would silently pick a branch of every comparison."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return v
+
+
 def _one_hot(chosen: str, names: Sequence[str]) -> dict[str, float]:
     return {n: (1.0 if n == chosen else 0.0) for n in names}
 
@@ -81,22 +92,20 @@ class Sequential:
             if order is None or split is None or total_steps is None:
                 raise ValueError("stages: give either stages=[(name, steps), ...] or all of order, split, "
                                  "total_steps")
-            if len(order) != 2 or order[0] == order[1]:
+            if not isinstance(order, Sequence) or isinstance(order, str) or len(order) != 2 or order[0] == order[1]:
                 raise ValueError(f"order: expected two different objective names, got {order!r}")
-            split = float(split)
-            if not 0.0 <= split <= 1.0:
-                raise ValueError(f"split: expected a fraction in [0, 1], got {split!r}")
+            split = unit_interval("split", split)
             if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 0:
                 raise ValueError(f"total_steps: expected a non-negative integer, got {total_steps!r}")
             n1 = int(round(split * int(total_steps)))
             stages = [(order[0], n1), (order[1], int(total_steps) - n1)]
         elif order is not None or split is not None or total_steps is not None:
             raise ValueError("stages: give either stages or (order, split, total_steps), not both")
-        if len(stages) == 0:
-            raise ValueError("stages: expected at least one (name, steps) stage")
+        if not isinstance(stages, Sequence) or isinstance(stages, str) or len(stages) == 0:
+            raise ValueError(f"stages: expected a non-empty list of (name, steps) stages, got {stages!r}")
         clean = []
         for s in stages:
-            if len(s) != 2 or not isinstance(s[0], str):
+            if not isinstance(s, (tuple, list)) or len(s) != 2 or not isinstance(s[0], str):
                 raise ValueError(f"stages: expected (name, steps) pairs, got {s!r}")
             n = s[1]
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
@@ -198,15 +207,13 @@ class Maxright:
         self.lam = unit_interval("lam", lam)
         if isinstance(f_star, Mapping):
             if set(f_star) != {"sft", "dpo"}:
-                raise ValueError(f"f_star: expected keys 'sft' and 'dpo', got {sorted(f_star)}")
+                raise ValueError(f"f_star: expected keys 'sft' and 'dpo', got {sorted(map(str, f_star))}")
             fs = (f_star["sft"], f_star["dpo"])
         else:
-            if len(f_star) != 2:
+            if not isinstance(f_star, Sequence) or isinstance(f_star, str) or len(f_star) != 2:
                 raise ValueError(f"f_star: expected (f*_sft, f*_dpo), got {f_star!r}")
             fs = tuple(f_star)
-        if not all(math.isfinite(float(v)) for v in fs):
-            raise ValueError(f"f_star: expected finite values, got {fs!r}")
-        self.f_star = {"sft": float(fs[0]), "dpo": float(fs[1])}
+        self.f_star = {"sft": _finite("f_star", fs[0]), "dpo": _finite("f_star", fs[1])}
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
             raise ValueError(f"k: expected a positive integer or None (never refresh), got {k!r}")
         self.k = None if k is None else int(k)
@@ -219,7 +226,7 @@ class Maxright:
     def observe(self, name: str, value: float) -> None:
         if name not in self.objectives:
             raise ValueError(f"name: expected one of {self.objectives}, got {name!r}")
-        self.cached[name] = float(value)
+        self.cached[name] = _finite("value", value)
 
     def gaps(self) -> dict[str, float]:
         """Weighted gaps from the cached values."""
@@ -228,10 +235,12 @@ class Maxright:
 
     def weights(self, step: int, stats: Mapping[str, float] | None = None) -> dict[str, float]:
         if self.needs_values(step):
-            if stats is None or "f_sft" not in stats or "f_dpo" not in stats:
+            if not isinstance(stats, Mapping) or "f_sft" not in stats or "f_dpo" not in stats:
+                got = sorted(map(str, stats)) if isinstance(stats, Mapping) else stats
                 raise ValueError(f"stats: step {step} needs fresh values {{'f_sft', 'f_dpo'}} "
-                                 f"(see needs_values), got {None if stats is None else sorted(stats)}")
-            self.cached = {"sft": float(stats["f_sft"]), "dpo": float(stats["f_dpo"])}
+                                 f"(see needs_values), got {got!r}")
+            self.cached = {"sft": _finite("stats['f_sft']", stats["f_sft"]),
+                           "dpo": _finite("stats['f_dpo']", stats["f_dpo"])}
         g = self.gaps()
         return _one_hot("dpo" if g["dpo"] > g["sft"] else "sft", self.objectives)
 
@@ -265,7 +274,8 @@ class HptGate:
         gamma = unit_interval("gamma", gamma)
         if mode not in ("switch", "smooth"):
             raise ValueError(f"mode: expected 'switch' or 'smooth', got {mode!r}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+        if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature > 0
+                                                 and math.isfinite(temperature)):
             raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
         self.gamma, self.mode, self.temperature = gamma, mode, float(temperature)
         self.switch_gate: int | None = None
@@ -284,7 +294,10 @@ class HptGate:
 
     def prompt_weights(self, accuracy) -> tuple[np.ndarray, np.ndarray]:
         """Vectorised: accuracy P [n_prompts] in [0, 1] -> (alpha [n_prompts], beta [n_prompts])."""
-        p = np.asarray(accuracy, dtype=np.float64)
+        try:
+            p = np.asarray(accuracy, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"accuracy: expected numbers in [0, 1], got {accuracy!r}") from None
         if not np.all(np.isfinite(p)) or np.any(p < 0) or np.any(p > 1):
             raise ValueError("accuracy: expected values in [0, 1]")
         if self.mode == "switch":
@@ -306,7 +319,7 @@ class HptGate:
     def weights(self, step: int, stats: Mapping[str, float] | None = None) -> dict[str, float]:
         """One prompt: stats={"accuracy": P}."""
         _check_step(step)
-        if stats is None or "accuracy" not in stats:
+        if not isinstance(stats, Mapping) or "accuracy" not in stats:
             raise ValueError("stats: the HPT gate needs {'accuracy': P} for the prompt")
         a, b = self.prompt_weights(np.array([stats["accuracy"]]))
         return {"rl": float(a[0]), "sft": float(b[0])}

@@ -1,5 +1,6 @@
 """Schedules: stage arithmetic, ALRIGHT's law and resumability, MAXRIGHT's refresh rule, the HPT gate."""
 
+import math
 import pickle
 
 import numpy as np
@@ -157,3 +158,39 @@ def test_hpt_bad_inputs(kwargs, arg):
         HptGate(**kwargs)
     with pytest.raises(ValueError, match="accuracy"):
         HptGate(0.2).prompt_weights([1.2])
+
+
+# ---- NaN statistics and malformed arguments (issue 18 item 5)
+
+
+def test_maxright_rejects_nan_statistics_naming_them():
+    """A NaN value made MAXRIGHT pick SFT (every comparison with NaN is False)."""
+    m = Maxright(0.5, {"sft": 1.0, "dpo": 0.5})
+    for stats, arg in [({"f_sft": float("nan"), "f_dpo": 1.0}, "f_sft"), ({"f_sft": 1.0, "f_dpo": math.inf}, "f_dpo"),
+                       ({"f_sft": "x", "f_dpo": 1.0}, "f_sft"), ([1.0, 2.0], "stats"), (None, "stats")]:
+        with pytest.raises(ValueError, match=arg):
+            m.weights(0, stats)
+    m.weights(0, {"f_sft": 2.0, "f_dpo": 1.0})
+    with pytest.raises(ValueError, match="value"):
+        m.observe("dpo", float("nan"))
+    for f_star in [{"sft": float("nan"), "dpo": 0.0}, (0.0, "x"), 3.0, "ab"]:
+        with pytest.raises(ValueError, match="f_star"):
+            Maxright(0.5, f_star)
+
+
+@pytest.mark.parametrize("make, arg", [
+    (lambda: HptGate(0.5).weights(0, {"accuracy": float("nan")}), "accuracy"),
+    (lambda: HptGate(0.5).weights(0, {"accuracy": "x"}), "accuracy"),
+    (lambda: HptGate(0.5).weights(0, [0.5]), "stats"),
+    (lambda: HptGate(0.5, temperature=True), "temperature"),
+    (lambda: Mix(float("nan")), "lam"),
+    (lambda: Alright(float("nan")), "lam"),
+    (lambda: Sequential(order=("sft", "dpo"), split=float("nan"), total_steps=4), "split"),
+    (lambda: Sequential(order=("sft", "dpo"), split="x", total_steps=4), "split"),
+    (lambda: Sequential(order=3, split=0.5, total_steps=4), "order"),
+    (lambda: Sequential(stages=[3]), "stages"),
+    (lambda: Sequential(stages=7), "stages"),
+])
+def test_malformed_arguments_raise_value_error_naming_them(make, arg):
+    with pytest.raises(ValueError, match=arg):
+        make()
