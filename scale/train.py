@@ -227,15 +227,13 @@ class Trainer:
             self.terms.sft, self.terms.dpo_beta = sft_estimator(m.sft.aggregation), m.dpo.beta
         elif m.name == "hpt":
             name = "hpt_paper" if m.hpt.variant == "paper" else "hpt_code"
-            est = rl_estimator(name, m.rl.estimator_options)
-            if m.hpt.variant == "code" and "max_length" not in m.rl.estimator_options:
-                est = est.replace(max_length=self.cfg.generation.max_new_tokens)
-            self.terms.rl = est
+            self.terms.rl = rl_estimator(name, m.rl.estimator_options, self.cfg.generation.max_new_tokens)
             self.terms.sft = sft_estimator("seq_mean_token_mean" if m.hpt.variant == "paper" else "global_token_mean")
         elif m.name in ("luffy", "srft"):
-            self.terms.rl = rl_estimator(m.name, m.rl.estimator_options)
+            self.terms.rl = rl_estimator(m.name, m.rl.estimator_options, self.cfg.generation.max_new_tokens)
         else:
-            self.terms.rl = rl_estimator(m.rl.estimator, m.rl.estimator_options)
+            self.terms.rl = rl_estimator(m.rl.estimator, m.rl.estimator_options,
+                                          self.cfg.generation.max_new_tokens)
         self.terms.entropy_coef = m.rl.entropy_coef if m.name in RL_FAMILY else 0.0
         self.terms.kl_coef = m.rl.kl_coef if m.name in RL_FAMILY else 0.0
 

@@ -1,7 +1,7 @@
 """The update does not depend on how a global batch is split: 1 process x 1 micro-batch, 1 x 4, and
 2 processes (torchrun, Accelerator(cpu=True), gloo) x 1 and x 2 give the same gradient to 1e-6 (float64
 tiny model), for batches that mix every loss term: RL rows (GRPO's per-sequence mean, LUFFY's global token
-mean with demonstrations, HPT's paper normalisers), SFT rows (token mean and per-sequence mean), DPO pairs
+mean with demonstrations, HPT's paper normalisers, Dr. GRPO's constant length), SFT rows (token mean and per-sequence mean), DPO pairs
 and the entropy bonus.
 
 This file is also the worker: `torchrun --nproc_per_node 2 tests/scale/test_invariance.py WORLD OUT`.
@@ -57,6 +57,8 @@ def _cases(tr):
          Terms(rl=rl_estimator("hpt_paper"), sft=sft_estimator("global_token_mean")),
          {"rl_seqs": 32.0, "sft_seqs": 8.0}),
         ("grpo", units_b, Terms(rl=rl_estimator("grpo")), {}),
+        # constant-length normaliser: the completion budget, not the padded micro-batch width (issue 14.1)
+        ("dr_grpo", units_b, Terms(rl=rl_estimator("dr_grpo", max_new_tokens=16)), {}),
     ]
 
 

@@ -227,3 +227,21 @@ def test_gradient_checkpointing_gives_the_same_update(world, tmp_path):
         finals.append(_params(out / "final"))
     for k in finals[0]:
         torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_constant_length_aggregation_uses_the_completion_budget():
+    """Dr. GRPO's L is generation.max_new_tokens in the trainer (not the padded prompt + completion width),
+    unless the estimator options set it; other aggregations are left alone."""
+    from scale.methods import rl_estimator
+
+    assert rl_estimator("dr_grpo", max_new_tokens=16).max_length == 16
+    assert rl_estimator("dr_grpo", {"max_length": 64}, max_new_tokens=16).max_length == 64
+    assert rl_estimator("grpo", max_new_tokens=16).max_length is None
+    lp = torch.zeros(2, 40, dtype=torch.float64, requires_grad=True)
+    short, long = torch.zeros(2, 40, dtype=torch.bool), torch.zeros(2, 40, dtype=torch.bool)
+    short[:, 6:12] = True                      # 6-token prompts
+    long[:, 30:36] = True                      # the same completions after 30-token prompts
+    est, A = rl_estimator("dr_grpo", max_new_tokens=16), torch.tensor([1.0, -0.5], dtype=torch.float64)
+    g1 = torch.autograd.grad(est.loss(lp, advantages=A, mask=short), lp)[0]
+    g2 = torch.autograd.grad(est.loss(lp, advantages=A, mask=long), lp)[0]
+    assert torch.equal(g1[:, 6:12], g2[:, 30:36]) and float(g1[0, 6]) == pytest.approx(-1.0 / (2 * 16))
