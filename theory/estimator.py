@@ -236,11 +236,12 @@ class UPGE:
         B, T = Mf.shape
         S = _positive("num_seqs", num_seqs, B)
         L = _positive("max_length", max_length, self.max_length if self.max_length is not None else T)
+        N = _positive("num_items", num_items, None)  # checked even where unused: a bad value is a bug upstream
         name = self.aggregation
         if name == "token_mean":
             out = Mf / Mf.sum().clamp(min=1)
         elif name == "global_token_mean":
-            out = Mf / _positive("num_items", num_items, max(float(Mf.sum()), 1.0))
+            out = Mf / (N if N is not None else max(float(Mf.sum()), 1.0))
         elif name == "seq_mean_token_mean":
             out = Mf / (Mf.sum(-1, keepdim=True).clamp(min=1) * S)
         elif name == "seq_mean_token_sum":

@@ -500,9 +500,10 @@ class Hull(_RowsSet):
     def _nearest_vertex(self, g: np.ndarray) -> int:
         s = _scale(self.G)
         rows = _Rows(self.G, np.full(self.n, s), center=_shrink(g, s))
+        t = max((_scale(rows.block(blk)) for blk in rows.blocks), default=1.0)  # squares cannot overflow
         sq = np.zeros(self.n)
         for blk in rows.blocks:
-            sq += np.sum(rows.block(blk) ** 2, axis=1)
+            sq += np.sum((rows.block(blk) / t) ** 2, axis=1)
         return int(np.argmin(sq))
 
     def coefficients(self, g: np.ndarray) -> np.ndarray:

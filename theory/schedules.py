@@ -70,6 +70,16 @@ def _finite(name: str, value) -> float:
     return v
 
 
+def _items(value) -> tuple | None:
+    """The elements of a list, tuple or array; None for a string, a mapping or anything not iterable."""
+    if isinstance(value, (str, bytes, Mapping)):
+        return None
+    try:
+        return tuple(value)
+    except TypeError:
+        return None
+
+
 def _one_hot(chosen: str, names: Sequence[str]) -> dict[str, float]:
     return {n: (1.0 if n == chosen else 0.0) for n in names}
 
@@ -92,7 +102,8 @@ class Sequential:
             if order is None or split is None or total_steps is None:
                 raise ValueError("stages: give either stages=[(name, steps), ...] or all of order, split, "
                                  "total_steps")
-            if not isinstance(order, Sequence) or isinstance(order, str) or len(order) != 2 or order[0] == order[1]:
+            order = _items(order)
+            if order is None or len(order) != 2 or not all(isinstance(o, str) for o in order) or order[0] == order[1]:
                 raise ValueError(f"order: expected two different objective names, got {order!r}")
             split = unit_interval("split", split)
             if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 0:
@@ -101,16 +112,18 @@ class Sequential:
             stages = [(order[0], n1), (order[1], int(total_steps) - n1)]
         elif order is not None or split is not None or total_steps is not None:
             raise ValueError("stages: give either stages or (order, split, total_steps), not both")
-        if not isinstance(stages, Sequence) or isinstance(stages, str) or len(stages) == 0:
+        items = _items(stages)
+        if not items:
             raise ValueError(f"stages: expected a non-empty list of (name, steps) stages, got {stages!r}")
         clean = []
-        for s in stages:
-            if not isinstance(s, (tuple, list)) or len(s) != 2 or not isinstance(s[0], str):
+        for s in items:
+            pair = _items(s)
+            if pair is None or len(pair) != 2 or not isinstance(pair[0], str):
                 raise ValueError(f"stages: expected (name, steps) pairs, got {s!r}")
-            n = s[1]
+            n = pair[1]
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
                 raise ValueError(f"stages: steps must be a non-negative integer, got {s!r}")
-            clean.append((s[0], int(n)))
+            clean.append((pair[0], int(n)))
         self.stages: tuple[tuple[str, int], ...] = tuple(clean)
         self.objectives = tuple(dict.fromkeys(n for n, _ in clean))
         self.bounds = np.cumsum([n for _, n in clean])  # stage i covers [bounds[i-1], bounds[i])
@@ -210,9 +223,9 @@ class Maxright:
                 raise ValueError(f"f_star: expected keys 'sft' and 'dpo', got {sorted(map(str, f_star))}")
             fs = (f_star["sft"], f_star["dpo"])
         else:
-            if not isinstance(f_star, Sequence) or isinstance(f_star, str) or len(f_star) != 2:
+            fs = _items(f_star)
+            if fs is None or len(fs) != 2:
                 raise ValueError(f"f_star: expected (f*_sft, f*_dpo), got {f_star!r}")
-            fs = tuple(f_star)
         self.f_star = {"sft": _finite("f_star", fs[0]), "dpo": _finite("f_star", fs[1])}
         if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
             raise ValueError(f"k: expected a positive integer or None (never refresh), got {k!r}")

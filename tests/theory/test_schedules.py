@@ -188,9 +188,15 @@ def test_maxright_rejects_nan_statistics_naming_them():
     (lambda: Sequential(order=("sft", "dpo"), split=float("nan"), total_steps=4), "split"),
     (lambda: Sequential(order=("sft", "dpo"), split="x", total_steps=4), "split"),
     (lambda: Sequential(order=3, split=0.5, total_steps=4), "order"),
+    (lambda: Sequential(order=("sft", 1), split=0.5, total_steps=4), "order"),
     (lambda: Sequential(stages=[3]), "stages"),
     (lambda: Sequential(stages=7), "stages"),
 ])
 def test_malformed_arguments_raise_value_error_naming_them(make, arg):
     with pytest.raises(ValueError, match=arg):
         make()
+
+
+def test_array_arguments_are_read_like_lists():
+    assert Maxright(0.5, np.array([1.0, 0.5])).f_star == {"sft": 1.0, "dpo": 0.5}
+    assert Sequential(order=np.array(["sft", "dpo"]), split=0.5, total_steps=4).stages == (("sft", 2), ("dpo", 2))
