@@ -1,6 +1,7 @@
 """The pretrained tiny base model of the miniature world (`toy.world`): the random Qwen2 of `toy.tiny`,
-trained with next-token cross-entropy on worked solutions of the world's easy levels (clean) and middle
-levels (noisy: the final value right with probability `correct_prob`); the hard levels are never shown.
+trained with next-token cross-entropy on solutions (worked, or terse with probability `terse_prob`) of the
+world's easy levels (clean) and middle levels (noisy: the final value right with probability
+`correct_prob`); the hard levels are never shown.
 
 `pretrained_base()` returns a cached Hugging Face model folder, built on first use. The cache lives under
 $PTLAB_CACHE (default ~/.cache/ptlab) in a folder named by a hash of the recipe, so changing the recipe
@@ -22,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Recipe:
     level_weights: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
     noisy_levels: tuple[int, ...] = (3, 4)     # the middle rungs
     correct_prob: float = 0.35                 # on noisy levels: P(final value right)
+    terse_prob: float = 0.25                   # P(a completion is terse rather than worked)
     n_examples: int = 40000
     steps: int = 1500
     batch_size: int = 64
@@ -61,7 +63,7 @@ def _training_texts(recipe: Recipe) -> list[tuple[str, str]]:
     if len(recipe.levels) != len(recipe.level_weights):
         raise ValueError("level_weights: expected one weight per level")
     return pretraining_pairs(recipe.n_examples, dict(zip(recipe.levels, recipe.level_weights)),
-                             recipe.noisy_levels, recipe.correct_prob, seed=recipe.seed)
+                             recipe.noisy_levels, recipe.correct_prob, recipe.terse_prob, seed=recipe.seed)
 
 
 def train_base(out_dir: str | Path, recipe: Recipe = Recipe(), log_every: int = 0) -> dict:
@@ -111,7 +113,7 @@ def train_base(out_dir: str | Path, recipe: Recipe = Recipe(), log_every: int = 
         opt.step()
         sched.step()
         if log_every and step % log_every == 0:
-            print(f"step {step:4d} loss {loss.item():.4f}")
+            print(f"step {step:4d} loss {loss.item():.4f}", flush=True)
     torch.set_num_threads(threads)
     model.eval()
     out_dir = Path(out_dir)

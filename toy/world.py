@@ -3,8 +3,8 @@
 Every rung of the ladder has one role (measured numbers in the README, "The miniature world"):
 
     level  problem                         role     how the base model meets it
-    1      a + b      a in 10..89, b 1..9  easy     pretrained on clean worked solutions
-    2      a - b      a in 10..99, b 1..9  easy     pretrained on clean worked solutions
+    1      a + b      a in 10..89, b 1..9  easy     pretrained on clean solutions
+    2      a - b      a in 10..99, b 1..9  easy     pretrained on clean solutions
     3      a + b      a, b in 10..89       middle   pretrained on NOISY solutions (final value right w.p. 0.35)
     4      a - b      a, b in 10..99, a>b  middle   pretrained on NOISY solutions
     5      a + b + c  a 10..80, b, c 1..9  hard     never seen: two chained level-1 steps
@@ -20,8 +20,9 @@ Train and test problems are disjoint by construction: each level's problems form
 problem belongs to the test split iff a hash of (level, operands) falls in the first quarter
 (`split_of`). Held-out sets draw only test problems, training sets only train problems.
 
-Two styles of correct solution, so that SFT and preference data can conflict in style while both are
-correct (the XRIGHT miniature):
+Two styles of solution, so that SFT and preference data can conflict in style while both are correct
+(the XRIGHT miniature); the base is pretrained on both (terse with probability 0.25), so both have
+non-negligible probability under the reference model:
     worked  "23 + 4 = 27; 27 + 5 = 32. The answer is \\boxed{32}."
     terse   "The answer is \\boxed{32}."
 """
@@ -136,16 +137,18 @@ def examples(level: int, split: str, n: int, offset: int = 0) -> list[dict]:
 
 
 def pretraining_pairs(n: int, levels: dict[int, float], noisy: tuple[int, ...], correct_prob: float,
-                      seed: int = 0) -> list[tuple[str, str]]:
-    """`n` (prompt, worked completion) pairs from TRAIN problems, levels drawn by weight; on `noisy`
-    levels the final value is right with probability `correct_prob`, else off by one of SLIPS."""
+                      terse_prob: float = 0.0, seed: int = 0) -> list[tuple[str, str]]:
+    """`n` (prompt, completion) pairs from TRAIN problems, levels drawn by weight; on `noisy` levels the
+    final value is right with probability `correct_prob`, else off by one of SLIPS; a completion is terse
+    with probability `terse_prob`, else worked (so the base writes both styles, as the SFT / preference
+    conflict needs: both have non-negligible probability under the reference model)."""
     rng = random.Random(f"ptlab-world-pretrain:{seed}")
     pools = {lv: pool(lv, "train") for lv in levels}
     out = []
     for lv in rng.choices(list(levels), weights=list(levels.values()), k=n):
         question, steps, value = solve(lv, rng.choice(pools[lv]))
         final = value if lv not in noisy or rng.random() < correct_prob else value + rng.choice(SLIPS)
-        out.append((prompt_of(question), worked(steps, final)))
+        out.append((prompt_of(question), terse(final) if rng.random() < terse_prob else worked(steps, final)))
     return out
 
 
