@@ -109,6 +109,7 @@ class LogLinearProblem:
         self.pair_diff = phi[x, w] - phi[x, l]              # [K, d]
         self._exists: dict[str, tuple[bool, str]] = {}
         self._opt_cache: dict[float, tuple[np.ndarray, float]] = {}
+        self._constants: dict[str, float] | None = None
 
     # ---- values and derivatives -------------------------------------------------------------------
     def _theta(self, theta, name: str = "theta", finite: bool = False) -> np.ndarray:
@@ -174,6 +175,11 @@ class LogLinearProblem:
         L_sft = sum_x s_x diam_x^2 / 4 >= ||hess f_sft|| (a variance on a set of diameter D is <= D^2/4).
         L_dpo = beta^2 / 4 * ||sum_k p_k diff_k diff_k^T|| >= ||hess f_dpo|| (sigma(m) sigma(-m) <= 1/4).
         """
+        if self._constants is None:  # the optimiser asks for them at every call
+            self._constants = self._compute_constants()
+        return dict(self._constants)
+
+    def _compute_constants(self) -> dict[str, float]:
         diam = np.array([np.max(np.linalg.norm(f[:, None] - f[None], axis=-1)) for f in self.phi])
         live = self.ctx_mass > 0
         D_sft = float(diam[live].max())
@@ -297,7 +303,7 @@ class LogLinearProblem:
         gradient does not: rejected steps raise mu, accepted ones lower it, so the steps grow geometrically
         across the plateau. Near the optimum f differences drown in rounding, so a step is also accepted
         when f stays level and the gradient shrinks. Stops once certified (||g|| <= tol) and no longer
-        improving, or when even tiny steps fail; the caller checks the certificate.
+        improving fast (at rounding level), or when even tiny steps fail; the caller checks the certificate.
         """
         if B.shape[1] == 0:
             return z
@@ -331,6 +337,9 @@ class LogLinearProblem:
                 mu = max(8.0 * mu, 1e-12 * L)
             else:
                 return z  # no step decreases f, even a tiny gradient step: rounding level
+            gn_new = float(np.linalg.norm(g_new))
+            if gn_new <= tol and gn_new > 0.1 * gn:  # certified, and no longer converging fast: rounding level
+                return z_new
             z, fz, g = z_new, f_new, g_new
             mu = mu / 4.0 if mu > 1e-10 * L else 0.0
         return z
