@@ -124,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"ptlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a checkpoint or model write that failed (a full disk): one line saying where
+        from scale.checkpoint import WriteError
+
+        if not isinstance(e, WriteError):
+            raise
+        print(f"ptlab {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
