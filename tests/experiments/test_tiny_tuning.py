@@ -29,7 +29,7 @@ def test_choose_follows_the_rule():
         "mix__b": _variant("mix", 5e-4, {F_SFT: 0.2, F_DPO: 0.8}),             # tie on the sum: smaller lr
         "sft__a": _variant("sft", 5e-4, {}),                                   # no metric: ignored
     }}
-    assert choose(rep) == {"dpo": 5e-4, "grpo": 2e-4, "mix": 2e-4}
+    assert choose(rep) == {"dpo": 5e-4, "grpo": 2e-4, "luffy": 2e-4, "mix": 2e-4, "srft": 2e-4}   # + SHARED
     assert set(LR_GRID) == set(PRIMARY)
 
 
