@@ -1,8 +1,8 @@
 """The update does not depend on how a global batch is split: 1 process x 1 micro-batch, 1 x 4, and
 2 processes (torchrun, Accelerator(cpu=True), gloo) x 1 and x 2 give the same gradient to 1e-6 (float64
 tiny model), for batches that mix every loss term: RL rows (GRPO's per-sequence mean, LUFFY's global token
-mean with demonstrations, HPT's paper normalisers, Dr. GRPO's constant length), SFT rows (token mean and per-sequence mean), DPO pairs
-and the entropy bonus.
+mean with demonstrations, HPT's paper normalisers, Dr. GRPO's constant length), SFT rows (token mean and
+per-sequence mean), DPO pairs and the entropy bonus.
 
 This file is also the worker: `torchrun --nproc_per_node 2 tests/scale/test_invariance.py WORLD OUT`.
 """
