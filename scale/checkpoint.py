@@ -11,10 +11,16 @@ to `step-N/` (`os.replace`); then `LATEST` is rewritten through a temporary file
 only then are older checkpoints deleted. A crash at any point leaves `LATEST` naming a complete
 checkpoint (the previous one until the pointer moves). A leftover `*.tmp` folder is ignored and
 cleaned on the next save.
+
+A write that fails (a full disk, an I/O error) removes its `.tmp` folder at once, so a full disk gets its
+space back, and raises `WriteError` (an OSError) saying where, and "no space left" when that is the cause:
+torch's own message on a full disk is "[enforce fail at inline_container.cc] unexpected pos".
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -49,12 +55,61 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A checkpoint or the final model could not be written; the message says where and why (`ptlab` prints
+    it as one line); errno is ENOSPC for a full disk."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.errno = code
+
+
+NO_SPACE_BYTES = 1 << 20  # a failed write with less free space than this is reported as a full disk
+
+
+def _no_space(e: BaseException, where: Path) -> bool:
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if x is not None and ("No space left" in str(x) or "os error 28" in str(x)):
+            return True
+    try:
+        return shutil.disk_usage(_existing(where)).free < NO_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def cleaned_on_failure(tmp: Path, what: str, clean: bool = True):
+    """Run a write into `tmp` (a folder or a file); if it raises, remove `tmp` (when `clean`: the main
+    process) and raise WriteError naming `what` and `tmp`, "no space left on device" when that is the cause."""
+    try:
+        yield
+    except Exception as e:
+        full = _no_space(e, tmp)  # measured before the partial files are removed
+        if clean and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif clean:
+            tmp.unlink(missing_ok=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = "no space left on device" if full else f"{type(e).__name__}: {first}"
+        raise WriteError(f"{what}: cannot write {tmp} ({why}); it was removed, nothing earlier was changed",
+                         errno.ENOSPC if full else errno.EIO) from e
+
+
 def write_pointer(ckpt_root: Path, name: str) -> None:
     tmp = ckpt_root / (POINTER + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    with cleaned_on_failure(tmp, f"checkpoint pointer {ckpt_root / POINTER}"):
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, ckpt_root / POINTER)
     _fsync_dir(ckpt_root)
 
@@ -83,13 +138,17 @@ def save(accelerator, output_dir: str | Path, step: int, trainer_state: dict, ex
         for old in root.glob("*.tmp"):
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    what = f"checkpoint of step {step}"
+    with cleaned_on_failure(tmp, what, clean=accelerator.is_main_process):
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+            torch.save(extra, tmp / "extra.pt")
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-        torch.save(extra, tmp / "extra.pt")
-        if _fail_after_state:  # tests: a crash after the files are written, before the checkpoint is published
+        if _fail_after_state:  # tests: a crash (kill -9) after the files are written, before publishing
             raise RuntimeError("simulated crash while writing a checkpoint")
-        _fsync_tree(tmp)
+        with cleaned_on_failure(tmp, what):
+            _fsync_tree(tmp)
         final = root / name
         if final.exists():
             shutil.rmtree(final)

@@ -5,13 +5,16 @@
 Sections: `model`, `data`, `method` (its `name` and one option block per method family), `generation`
 and `run`. Every key is checked against the schema and every value against its type before anything
 heavy happens, so a typo (`run.max_step`) or a wrong type (`run.lr=fast`) fails at once with the key
-named. Semantic checks across keys (e.g. batch divisibility) are in `Config.validate`.
+named. Every numeric key has a range in `RANGES` (floats must also be finite), checked by `check_ranges`;
+semantic checks across keys (e.g. batch divisibility) are in `Config.validate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,14 +190,7 @@ class DataRegConfig:
             raise ValueError(f"datareg.groups: expected one of {GROUPINGS} (or empty), got {self.groups!r}")
         if self.groups == "custom" and not self.custom_groups:
             raise ValueError("datareg.custom_groups: groups=custom needs at least one list of module patterns")
-        if not isinstance(self.k, int) or self.k < 0:
-            raise ValueError(f"datareg.k: expected an integer >= 0 (0: use fraction), got {self.k!r}")
-        if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"datareg.fraction: expected a number in (0, 1], got {self.fraction!r}")
-        if not 0.0 <= self.filter_frac <= 1.0:
-            raise ValueError(f"datareg.filter_frac: expected a number in [0, 1], got {self.filter_frac!r}")
-        if self.sketch_rank < 1:
-            raise ValueError(f"datareg.sketch_rank: expected >= 1, got {self.sketch_rank}")
+        check_ranges(self, "datareg.")
         if self.subset_mode == "two_pass" and self.update_rule != "global_subset":
             raise ValueError("datareg.subset_mode: two_pass is the GREATS rule and needs update_rule=global_subset")
         return self
@@ -255,17 +251,139 @@ class EvalConfig:
             if not s.path:
                 raise ValueError(f"eval.sets[{i}].path: required (a JSONL / parquet file or a dataset folder)")
             _choice(f"eval.sets[{i}].kind", s.kind, EVAL_KINDS)
-            if s.limit < 0:
-                raise ValueError(f"eval.sets[{i}].limit: expected >= 0 (0: all rows), got {s.limit}")
         if len(set(names)) != len(names):
             raise ValueError(f"eval.sets: names must be distinct, got {names}")
-        for key, v, lo in (("eval.every", self.every, 0), ("eval.n", self.n, 1),
-                           ("eval.max_new_tokens", self.max_new_tokens, 0), ("eval.batch_size", self.batch_size, 1)):
-            if v < lo:
-                raise ValueError(f"{key}: expected an integer >= {lo}, got {v}")
+        check_ranges(self, "eval.")
         if any(not 1 <= k <= self.n for k in self.ks):
             raise ValueError(f"eval.ks: expected values in 1..eval.n={self.n}, got {self.ks}")
         return self
+
+
+# ------------------------------------------------------------------------------------------ ranges
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: an interval, closed unless `lo_open` / `hi_open`."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, v) -> bool:
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def describe(self, integer: bool) -> str:
+        noun = "an integer" if integer else "a number"
+        lo, hi = _num(self.lo), _num(self.hi)
+        if self.lo == -math.inf and self.hi == math.inf:
+            return noun if integer else "a finite number"
+        if self.hi == math.inf:
+            return f"{noun if integer else 'a finite number'} {'>' if self.lo_open else '>='} {lo}"
+        return f"{noun} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if math.isfinite(x) and x == int(x) else f"{x:g}"
+
+
+FINITE = Range()
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+UNIT = Range(0, 1)                        # [0, 1]
+UNIT_HALF_OPEN = Range(0, 1, hi_open=True)   # [0, 1)
+FRACTION = Range(0, 1, lo_open=True)      # (0, 1]
+SEED = Range(0, 2**31 - 1)                # numpy takes seeds < 2**32; a process index is added to it
+
+# Every int / float / list-of-numbers field of the schema, by class (a subclass inherits its base's entries);
+# tests/scale/test_bad_configs.py checks that none is missing.
+RANGES: dict[type, dict[str, Range]] = {
+    LoraConfig: {"r": AT_LEAST_1, "alpha": AT_LEAST_1, "dropout": UNIT_HALF_OPEN},
+    DataConfig: {"max_prompt_length": AT_LEAST_1, "max_length": Range(2),  # a prompt token + a completion token
+                 "limit": NON_NEGATIVE, "pref_limit": NON_NEGATIVE},
+    GenerationConfig: {"n": AT_LEAST_1, "temperature": POSITIVE, "top_p": FRACTION, "top_k": NON_NEGATIVE,
+                       "max_new_tokens": AT_LEAST_1, "vllm_gpu_memory_utilization": FRACTION},
+    DpoOptions: {"beta": POSITIVE},
+    RlOptions: {"entropy_coef": FINITE,   # negative: an entropy penalty
+                "kl_coef": NON_NEGATIVE, "mini_batches": AT_LEAST_1, "epochs": AT_LEAST_1},
+    HptOptions: {"gamma": UNIT, "switch_gate": Range(-1), "gate_temperature": POSITIVE, "sft_coef": NON_NEGATIVE},
+    JointOptions: {"lam": UNIT, "split": UNIT, "f_star_sft": FINITE, "f_star_dpo": FINITE, "k": AT_LEAST_1,
+                   "seed": SEED, "dpo_batch_size": NON_NEGATIVE},
+    RunConfig: {"seed": SEED, "max_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1,
+                "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "betas": UNIT_HALF_OPEN, "warmup_ratio": UNIT_HALF_OPEN,
+                "max_grad_norm": NON_NEGATIVE, "skip_grad_norm": NON_NEGATIVE, "logprob_chunk": AT_LEAST_1,
+                "save_every": NON_NEGATIVE, "stop_after": NON_NEGATIVE, "log_every": AT_LEAST_1},
+    DataRegConfig: {"k": NON_NEGATIVE, "fraction": FRACTION, "filter_frac": UNIT, "sketch_rank": AT_LEAST_1,
+                    "seed": SEED},
+    DataregConfig: {"target_batch_size": AT_LEAST_1},
+    EvalSet: {"limit": NON_NEGATIVE},
+    EvalConfig: {"every": NON_NEGATIVE, "n": AT_LEAST_1, "ks": AT_LEAST_1, "max_new_tokens": NON_NEGATIVE,
+                 "batch_size": AT_LEAST_1},
+}
+
+
+def numeric_type(tp) -> type | None:
+    """int or float for a numeric field (list[int] / list[float]: its items), else None."""
+    if typing.get_origin(tp) is list:
+        tp = typing.get_args(tp)[0]
+    return tp if tp in (int, float) else None
+
+
+def ranges_of(cls) -> dict[str, Range]:
+    out: dict[str, Range] = {}
+    for base in reversed(cls.__mro__):
+        out.update(RANGES.get(base, {}))
+    return out
+
+
+def check_ranges(obj, prefix: str = "") -> None:
+    """Type, finiteness and range of every numeric field of the dataclass `obj`, its sections and lists of
+    sections included (ValueError naming the key). Objects built in Python are checked as strictly as YAML."""
+    hints, ranges = typing.get_type_hints(type(obj)), ranges_of(type(obj))
+    for f in dataclasses.fields(obj):
+        key, v = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            check_ranges(v, key + ".")
+        elif isinstance(v, list) and v and all(dataclasses.is_dataclass(x) for x in v):
+            for i, x in enumerate(v):
+                check_ranges(x, f"{key}[{i}].")
+        elif (tp := numeric_type(hints[f.name])) is not None:
+            if isinstance(v, list):
+                for i, x in enumerate(v):
+                    _check_number(f"{key}[{i}]", x, tp, ranges[f.name])
+            else:
+                _check_number(key, v, tp, ranges[f.name])
+
+
+def _check_number(key: str, v, tp: type, rng: Range) -> None:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral if tp is int else numbers.Real):
+        ok = False
+    else:
+        ok = (tp is int or math.isfinite(v)) and v in rng
+    if not ok:
+        raise ValueError(f"{key}: expected {rng.describe(tp is int)}, got {v!r}")
+
+
+def check_template(key: str, template: str, names: tuple[str, ...]) -> None:
+    """A str.format template uses exactly the placeholders `names` (each at least once, nothing else)."""
+    braces = "write {{ and }} for literal braces"
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:  # a stray brace
+        raise ValueError(f"{key}: not a valid template ({e}); {braces}") from None
+    unknown = [f for f in fields if f not in names]
+    if unknown:
+        raise ValueError(f"{key}: unknown placeholder {{{unknown[0]}}} in {template!r}; the only placeholder is "
+                         f"{{{names[0]}}} ({braces})")
+    for n in names:
+        if n not in fields:
+            raise ValueError(f"{key}: {template!r} lacks the placeholder {{{n}}}, so the {n} would be dropped")
+    try:
+        template.format(**dict.fromkeys(names, ""))
+    except (ValueError, TypeError) as e:  # a bad conversion or format spec, e.g. {prompt:d}
+        raise ValueError(f"{key}: not a valid template ({e})") from None
 
 
 @dataclass
@@ -282,8 +400,33 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> Config:
-        """Checks across keys; each error names the key."""
+        """Every key's type and range (`check_ranges`), then the checks across keys; each error names the key."""
+        check_ranges(self)
+        self._check_choices()
+        self._check_text()
         m, r, g = self.method, self.run, self.generation
+        if g.top_k and g.backend == "ptlab":
+            raise ValueError("generation.top_k: the ptlab sampler has no top-k; use backend hf or top_k=0")
+        if m.name in ("rl", "hpt", "luffy", "srft") and g.n < 2:
+            raise ValueError(f"generation.n: method {m.name!r} needs at least 2 samples per prompt, got {g.n}")
+        if m.name == "hpt" and m.hpt.switch_gate > g.n:
+            raise ValueError(f"method.hpt.switch_gate: expected -1 or an integer in [0, generation.n={g.n}], "
+                             f"got {m.hpt.switch_gate}")
+        if r.batch_size % m.rl.mini_batches:
+            raise ValueError(f"method.rl.mini_batches: must divide run.batch_size={r.batch_size}, "
+                             f"got {m.rl.mini_batches}")
+        if m.name == "sft_dpo" and m.joint.schedule == "sequential" and len(m.joint.order) != 2:
+            raise ValueError(f"method.joint.order: expected two objective names, got {m.joint.order}")
+        if len(r.betas) != 2:
+            raise ValueError(f"run.betas: expected two numbers, got {r.betas}")
+        if self.model.lora.enabled and not self.model.lora.target_modules:
+            raise ValueError("model.lora.target_modules: LoRA needs at least one module name")
+        _validate_datareg(self)
+        self.eval.validate()
+        return self
+
+    def _check_choices(self) -> None:
+        m, g, r = self.method, self.generation, self.run
         _choice("method.name", m.name, METHODS)
         _choice("method.sft.aggregation", m.sft.aggregation, ("global_token_mean", "seq_mean_token_mean"))
         _choice("method.hpt.variant", m.hpt.variant, ("paper", "code"))
@@ -293,40 +436,15 @@ class Config:
         _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16", "float64"))
         _choice("run.lr_scheduler", r.lr_scheduler, ("constant", "linear", "cosine"))
         _choice("run.mixed_precision", r.mixed_precision, ("no", "bf16", "fp16"))
-        if not self.model.path:
-            raise ValueError("model.path: required (a local model folder or a hub name)")
-        if not self.data.path:
-            raise ValueError("data.path: required (a JSONL / parquet file or a dataset folder)")
-        for key, v in [("run.max_steps", r.max_steps), ("run.batch_size", r.batch_size),
-                       ("run.grad_accum", r.grad_accum), ("generation.n", g.n),
-                       ("generation.max_new_tokens", g.max_new_tokens), ("data.max_length", self.data.max_length),
-                       ("data.max_prompt_length", self.data.max_prompt_length),
-                       ("run.logprob_chunk", r.logprob_chunk), ("method.rl.mini_batches", m.rl.mini_batches),
-                       ("method.rl.epochs", m.rl.epochs)]:
-            if v < 1:
-                raise ValueError(f"{key}: expected a positive integer, got {v}")
-        if not r.lr > 0:
-            raise ValueError(f"run.lr: expected a positive number, got {r.lr}")
-        if not g.temperature > 0:
-            raise ValueError(f"generation.temperature: expected > 0, got {g.temperature}")
-        if g.top_k < 0:
-            raise ValueError(f"generation.top_k: expected >= 0 (0: no top-k cut), got {g.top_k}")
-        if g.top_k and g.backend == "ptlab":
-            raise ValueError("generation.top_k: the ptlab sampler has no top-k; use backend hf or top_k=0")
-        if not 0 < g.top_p <= 1:
-            raise ValueError(f"generation.top_p: expected a number in (0, 1], got {g.top_p}")
-        if m.name in ("rl", "hpt", "luffy", "srft") and g.n < 2:
-            raise ValueError(f"generation.n: method {m.name!r} needs at least 2 samples per prompt, got {g.n}")
-        if r.batch_size % m.rl.mini_batches:
-            raise ValueError(f"method.rl.mini_batches: must divide run.batch_size={r.batch_size}, "
-                             f"got {m.rl.mini_batches}")
-        if m.name == "sft_dpo" and m.joint.schedule == "sequential" and len(m.joint.order) != 2:
-            raise ValueError(f"method.joint.order: expected two objective names, got {m.joint.order}")
-        if len(r.betas) != 2:
-            raise ValueError(f"run.betas: expected two numbers, got {r.betas}")
-        _validate_datareg(self)
-        self.eval.validate()
-        return self
+
+    def _check_text(self) -> None:
+        """Required paths, and the prompt template's placeholders (a KeyError at formatting time otherwise)."""
+        for key, v, what in (("model.path", self.model.path, "a local model folder or a hub name"),
+                             ("data.path", self.data.path, "a JSONL / parquet file or a dataset folder"),
+                             ("run.output_dir", self.run.output_dir, "the folder the run writes into")):
+            if not v.strip():
+                raise ValueError(f"{key}: required ({what})")
+        check_template("data.prompt_template", self.data.prompt_template, ("prompt",))
 
 
 def _validate_datareg(cfg: Config) -> None:
@@ -339,8 +457,6 @@ def _validate_datareg(cfg: Config) -> None:
         raise ValueError("datareg.target_path: required with datareg.target=file (a JSONL of target examples)")
     if d.target == "batch" and d.update_rule == "target_only":
         raise ValueError("datareg.target: target_only needs a target set (target=file)")
-    if d.target_batch_size < 1:
-        raise ValueError(f"datareg.target_batch_size: expected a positive integer, got {d.target_batch_size}")
     if d.merged_target and (d.target != "file" or d.update_rule == "target_only" or d.subset_mode == "two_pass"):
         raise ValueError("datareg.merged_target: needs target=file and a one-pass subset or projection rule")
 
@@ -358,7 +474,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config: file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml(read_utf8(path, "config"), f"config: {path}") or {}
         if not isinstance(raw, dict):
             raise ValueError(f"config: {path} must hold a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
@@ -371,8 +487,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {key}: {p!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        node[parts[-1]] = _yaml(value, f"override {item!r}", one_line=True) if value.strip() else ""
     return from_dict(raw).validate()
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of a UTF-8 file; otherwise a ValueError naming the file, the line and the byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{what}: {path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {col}); "
+                         "save it as UTF-8") from None
+
+
+def _yaml(text: str, where: str, one_line: bool = False):
+    """yaml.safe_load with a one-line error: where, line and column (for a file), and the problem."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark, pos = getattr(e, "problem_mark", None), getattr(e, "position", None)  # a ReaderError has a position
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        at = ""
+        if mark is not None and not one_line:
+            at = f" at line {mark.line + 1}, column {mark.column + 1}"
+        elif pos is not None and not one_line:
+            at = f" at line {text.count(chr(10), 0, pos) + 1}"
+        hint = "; quote a value that is meant as a string" if one_line else ""
+        raise ValueError(f"{where}: YAML syntax error{at}: {problem}{hint}") from None
 
 
 def from_dict(raw: dict) -> Config:
@@ -443,6 +587,9 @@ def _coerce(tp, value, key):
             raise ValueError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, (dict, list)):  # `key={question}` on a command line is a YAML mapping
+            raise ValueError(f"{key}: expected a string, got the YAML {type(value).__name__} {value!r}; "
+                             "quote a value that starts with { or [ (e.g. 'key=\"{...}\"')")
         if not isinstance(value, str):
             raise ValueError(f"{key}: expected a string, got {value!r}")
         return value

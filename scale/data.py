@@ -12,6 +12,8 @@ separately, so the boundary is exact and matches what generation conditions on.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 
 IGNORE = -100
@@ -43,39 +45,116 @@ def load_data(path_or_dir: str | Path, split: str | None = None):
         raise ValueError(f"data: path {str(path)!r} does not exist")
     if path.is_file() and _blank(path):
         raise ValueError(f"data: {str(path)!r} is empty")
+    source = path  # the file actually read, named when it cannot be
     try:
-        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[_pick_split(list(ds), split, path)]
-        elif path.is_dir():
-            files = {p.stem: p for p in sorted(path.iterdir()) if p.suffix in _FORMATS}
-            if not files:
-                raise ValueError(f"data: folder {str(path)!r} holds no {'/'.join(_FORMATS)} file")
-            f = files[_pick_split(list(files), split, path)]
-            ds = datasets.load_dataset(_FORMATS[f.suffix], data_files=str(f), split="train")
-        elif path.suffix in _FORMATS:
-            ds = datasets.load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
-        else:
-            raise ValueError(f"data: {str(path)!r} is not a {'/'.join(_FORMATS)} file or a folder")
-    except ValueError:
-        raise
-    except Exception as e:  # an empty or malformed file: one line naming it, not a builder traceback
-        raise ValueError(f"data: cannot read {str(path)!r}: {type(e).__name__}: {e}") from e
+        with _silenced("datasets"):  # its builders log the reader's error before raising; ours names the line
+            if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[_pick_split(list(ds), split, path)]
+            elif path.is_dir():
+                files = {p.stem: p for p in sorted(path.iterdir()) if p.suffix in _FORMATS}
+                if not files:
+                    raise ValueError(f"data: folder {str(path)!r} holds no {'/'.join(_FORMATS)} file")
+                source = files[_pick_split(list(files), split, path)]
+                check_utf8(source)
+                ds = datasets.load_dataset(_FORMATS[source.suffix], data_files=str(source), split="train")
+            elif path.suffix in _FORMATS:
+                check_utf8(path)
+                ds = datasets.load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
+            else:
+                raise ValueError(f"data: {str(path)!r} is not a {'/'.join(_FORMATS)} file or a folder")
+    except Exception as e:  # a malformed file: one line naming it (and the line), not a builder traceback
+        if isinstance(e, ValueError) and not isinstance(e, UnicodeDecodeError):  # ours, already named
+            raise
+        if source.is_file():
+            check_text_file(source)
+        raise ValueError(f"data: cannot read {str(source)!r}: {type(e).__name__}: {_first_line(e)}") from e
     if len(ds) == 0:
         raise ValueError(f"data: {str(path)!r} is empty")
     ds.info.description = str(path)  # remembered so later errors can name the file
     return ds
 
 
+@contextlib.contextmanager
+def _silenced(logger: str):
+    """Drop a library's log records below CRITICAL for the duration (restored after)."""
+    lg = logging.getLogger(logger)
+    old = lg.level
+    lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
 def _blank(path: Path) -> bool:
-    """True for an empty or whitespace-only text file (read until the first non-blank chunk)."""
+    """True for an empty or whitespace-only text file (read as bytes until the first non-blank chunk: the
+    encoding is checked later, where a bad byte can be named)."""
     if path.stat().st_size == 0:
         return True
     if path.suffix not in (".jsonl", ".json", ".csv"):
         return False
-    with path.open() as f:
-        return not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), ""))
+    with path.open("rb") as f:
+        return not any(chunk.strip() for chunk in iter(lambda: f.read(1 << 16), b""))
+
+
+def check_utf8(path: Path) -> None:
+    """pyarrow's JSON and CSV readers accept bytes that are not UTF-8 and fail later, at some row, naming
+    nothing: check a text file first, streaming (a decode runs at about 1 GB/s)."""
+    import codecs
+
+    from scale.config import read_utf8
+
+    if path.suffix not in (".jsonl", ".json", ".csv"):
+        return
+    dec = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                dec.decode(chunk)
+            dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        read_utf8(path, "data")  # reads it whole to name the line and the byte
+        raise
+
+
+def check_text_file(path: Path) -> None:
+    """Why a text data file cannot be read, named by line: bytes that are not UTF-8, a JSONL line that is not
+    one JSON object, a JSON file that does not parse. Returns quietly when it finds nothing (the caller then
+    reports the reader's own error). Runs only after a reader failed, so a large good file is read once."""
+    import json
+
+    from scale.config import read_utf8
+
+    if path.suffix not in (".jsonl", ".json", ".csv"):
+        return
+    text = read_utf8(path, "data")
+    where = f"data: cannot read {str(path)!r}:"
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where} line {e.lineno} is not valid JSON ({e.msg} at column {e.colno})") from None
+        return
+    if path.suffix == ".jsonl":
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} line {i} is not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where} line {i} holds a {type(row).__name__}, not a JSON object") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error, and of the error that caused it when that says more (datasets wraps the
+    reader's error in a DatasetGenerationError that names nothing)."""
+    cause = e.__cause__ or e.__context__
+    text = str(cause if cause is not None and str(cause) else e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _pick_split(names: list[str], split: str | None, path: Path) -> str:
@@ -102,6 +181,26 @@ def require_columns(ds, method: str, source: str | None = None) -> None:
     alts = " or ".join("/".join(sorted(n)) for n in options)
     raise ValueError(f"data: {source} lacks column(s) {missing} needed by method {method!r} "
                      f"(needs {alts}; has {sorted(have)})")
+
+
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "answer", "messages")
+
+
+def check_text_columns(ds, source: str) -> None:
+    """Each row's text columns hold text: a prompt or `messages` may also be a list of {role, content}
+    messages, an answer a number. A missing value (None) would otherwise be trained on as the text "None",
+    and a number in a prompt fail in the chat template with a TypeError that names nothing."""
+    for col in (c for c in TEXT_COLUMNS if c in ds.column_names):
+        for i, v in enumerate(ds[col]):
+            if isinstance(v, str) or (col == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool)):
+                continue
+            if col in ("prompt", "messages") and isinstance(v, list) and v and all(isinstance(m, dict) for m in v):
+                continue
+            want = "text or a list of {role, content} messages" if col in ("prompt", "messages") else "text"
+            name = type(v).__name__
+            got = "nothing (the key is missing or null)" if v is None else \
+                f"{'an' if name[0] in 'aeiou' else 'a'} {name} ({v!r:.40})"
+            raise ValueError(f"data: {source}: example {i}: column {col!r} holds {got}; expected {want}")
 
 
 def chat_to_prompt_completion(messages: list[dict], tokenizer) -> tuple[str, str]:

@@ -67,7 +67,10 @@ def selected_logprobs(decoder_hidden: torch.Tensor, head: nn.Module, input_ids: 
     target = input_ids[:, 1:][pos]                           # [N]
     parts_lp, parts_ent = [], []
     V = _vocab_size(head)
-    for s in range(0, h.shape[0], chunk):
+    # at least one chunk, empty when nothing is scored: the result still hangs on the graph of the decoder
+    # and the head, so the backward of an all-padding micro-batch gives zero gradients instead of failing
+    # (and every DDP process runs the same backward)
+    for s in range(0, max(h.shape[0], 1), chunk):
         args = (head, h[s:s + chunk], target[s:s + chunk], temperature, with_entropy, entropy_grad)
         small = V is not None and args[1].shape[0] * V <= SMALL_CHUNK
         if torch.is_grad_enabled() and h.requires_grad and not small:

@@ -193,4 +193,8 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict, terms: Terms
     if terms.entropy_coef:
         loss = loss - terms.entropy_coef * ent_sum / max(norms["all_tokens"], 1.0)
     stats["entropy_sum"] = float(ent_sum.detach())
+    if not loss.requires_grad and logp.requires_grad:
+        # no term has a row here (the placeholder row of an empty micro-batch): a zero on the graph, so
+        # the backward still runs, with zero gradients
+        loss = loss + (logp * M).sum() * 0.0
     return loss, stats

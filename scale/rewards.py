@@ -11,6 +11,7 @@ function with that signature (extra dataset columns may arrive as keyword argume
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from collections.abc import Callable
 
@@ -92,7 +93,8 @@ def load_reward(spec: str | Callable) -> RewardFn:
     """A batched reward function from "math", "exact", "module:function" or a callable.
 
     A user function must take (completions, answers, **kw) and return one number per completion;
-    the returned wrapper checks that and converts to floats.
+    the returned wrapper checks that and converts to floats. An exception inside it, a return that is not a
+    list, or a value that is not a finite number raises `RewardError` naming the function and the completion.
     """
     if callable(spec):
         fn = spec
@@ -110,12 +112,58 @@ def load_reward(spec: str | Callable) -> RewardFn:
     else:
         raise ValueError(f"reward: expected 'math', 'exact' or 'module:function', got {spec!r}")
 
+    name = spec if isinstance(spec, str) else getattr(fn, "__name__", repr(fn))
+
     def user_reward(completions: list[str], answers: list[str], **kw) -> list[float]:
         _check_lengths(completions, answers)
-        out = list(fn(completions, answers, **kw))
+        try:
+            out = fn(completions, answers, **kw)
+        except Exception as e:  # the user's code: name it and the completion it failed on
+            i = None if kw else _culprit(fn, completions, answers)
+            raise RewardError(f"reward {name!r}: raised {type(e).__name__}: {e}{_where(completions, answers, i)}",
+                              i) from e
+        if out is None or isinstance(out, (str, bytes)) or not hasattr(out, "__iter__"):
+            raise RewardError(f"reward {name!r}: returned {out!r:.60}; expected a list of one number per completion")
+        out = list(out)
         if len(out) != len(completions):
-            raise ValueError(f"reward {spec!r}: returned {len(out)} values for {len(completions)} completions")
-        return [float(x) for x in out]
+            raise ValueError(f"reward {name!r}: returned {len(out)} values for {len(completions)} completions")
+        return [_value(name, x, i, completions, answers) for i, x in enumerate(out)]
 
     user_reward.__name__ = getattr(fn, "__name__", "user_reward")
     return user_reward
+
+
+class RewardError(ValueError):
+    """A reward function failed or returned something that is not a finite number; `index` is the completion
+    to blame (its position in the batch), None when no single one is."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+def _value(name: str, x, i: int, completions, answers) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or not math.isfinite(v):
+        raise RewardError(f"reward {name!r}: value {i} is {x!r:.40}, expected a finite number"
+                          f"{_where(completions, answers, i)}", i)
+    return v
+
+
+def _culprit(fn, completions, answers, limit: int = 256) -> int | None:
+    """The first completion the function fails on alone (called one by one: only after a batch failed)."""
+    for i, (c, a) in enumerate(zip(completions[:limit], answers[:limit])):
+        try:
+            fn([c], [a])
+        except Exception:
+            return i
+    return None
+
+
+def _where(completions, answers, i: int | None) -> str:
+    if i is None:
+        return ""
+    return f" (completion {i}: {completions[i]!r:.60}, answer {answers[i]!r:.40})"

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,23 +42,82 @@ RL_FAMILY = ("rl", "hpt", "luffy", "srft")
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def check_model_path(path: str) -> None:
-    """A local-looking path must exist; a hub name must resolve (offline: be in the cache)."""
+def check_model_path(path: str, key: str = "model.path") -> None:
+    """A local-looking path must exist and its files be readable (`check_model_files`); a hub name must
+    resolve (offline: be in the cache)."""
     p = Path(path).expanduser()
     if p.exists():
         if p.is_dir() and not (p / "config.json").is_file():
-            raise ValueError(f"model.path: {path!r} is a folder without config.json (not a Hugging Face model)")
+            raise ValueError(f"{key}: {path!r} is a folder without config.json (not a Hugging Face model)")
+        if p.is_dir():
+            check_model_files(p, key)
         return
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1
     if looks_local:
-        raise ValueError(f"model.path: {path!r} does not exist")
+        raise ValueError(f"{key}: {path!r} does not exist")
     try:
         from transformers import AutoConfig
 
         AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise ValueError(f"model.path: {path!r} is not a local folder and could not be loaded from the hub "
+        raise ValueError(f"{key}: {path!r} is not a local folder and could not be loaded from the hub "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def check_model_files(folder: Path, key: str) -> None:
+    """The files of a local model folder, before anything loads: the JSON ones parse (a corrupt
+    tokenizer.json otherwise fails with a bare JSON error), each safetensors file is as long as its header
+    says (a truncated one otherwise fails after the model is built, naming no file), shards are present."""
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "generation_config.json", "model.safetensors.index.json"):
+        f = folder / name
+        if f.is_file():
+            try:
+                json.loads(f.read_bytes())
+            except ValueError as e:  # JSONDecodeError (names line and column) or UnicodeDecodeError
+                raise ValueError(f"{key}: {f} is corrupt: not valid JSON ({e})") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        for shard in sorted(set(json.loads(index.read_text()).get("weight_map", {}).values())):
+            if not (folder / shard).is_file():
+                raise ValueError(f"{key}: {folder / shard} is missing (listed in {index.name})")
+    for f in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(f, key)
+
+
+def _check_safetensors(f: Path, key: str) -> None:
+    """The layout: 8 bytes of header length n (at most 100 MB, safetensors' own limit), n bytes of JSON
+    header, then the tensors, whose largest end offset is the data size; the file must be exactly that long."""
+    size = f.stat().st_size
+    try:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 8 + n <= size and n <= 100_000_000 else None
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"] if header else []
+        complete = header is not None and 8 + n + max(ends, default=0) == size
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        complete = False
+    if not complete:
+        raise ValueError(f"{key}: {f} is truncated or corrupt (its header does not describe its {size} bytes); "
+                         "copy or download it again")
+
+
+def check_output_dir(path: str) -> None:
+    """The run can create and write its folder. Checked before the model loads by creating (and at once
+    removing) an anonymous file in the nearest existing folder: os.access says yes to root, or on a
+    read-only mount. Nothing that exists is touched."""
+    p = Path(path).expanduser()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == p else f"lies under {str(probe)!r}, which is a file"
+        raise ValueError(f"run.output_dir: {path!r} {where}, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ValueError(f"run.output_dir: cannot write into {str(probe)!r} ({e.strerror or e})") from None
 
 
 def _dotted(ex: dict, key: str):
@@ -74,7 +134,7 @@ def prepare_data(path: str, cfg: Config, tokenizer, need: str, context: int, lim
                  ) -> list[dict]:
     """Load, map columns, check columns / emptiness / lengths, tokenise. Returns one dict per example
     (with the columns named in `keep` copied where present, e.g. an evaluation set's id and level)."""
-    from scale.data import load_data, require_columns, to_prompt_completion, tokenize_pairs
+    from scale.data import check_text_columns, load_data, require_columns, to_prompt_completion, tokenize_pairs
 
     d = cfg.data
     ds = load_data(path, d.split if d.split else None)
@@ -88,6 +148,7 @@ def prepare_data(path: str, cfg: Config, tokenizer, need: str, context: int, lim
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
     require_columns(ds, need, source=str(path))
+    check_text_columns(ds, str(path))
     ds = to_prompt_completion(ds, tokenizer)
     rows = ds.to_list()
 
@@ -142,15 +203,18 @@ class Trainer:
         # 1. everything that can fail on bad input, before any model weights load
         check_model_path(cfg.model.path)
         if cfg.model.ref_path:
-            check_model_path(cfg.model.ref_path)
+            check_model_path(cfg.model.ref_path, "model.ref_path")
+        check_output_dir(r.output_dir)
+        if r.resume and ckpt.latest(r.output_dir) is None:  # also raises for a pointer to a broken checkpoint
+            raise ValueError(f"run.resume: no checkpoint under {Path(r.output_dir) / 'checkpoints'}")
         if m.name in RL_FAMILY:
             from scale.rewards import load_reward
 
             self.reward_fn = load_reward(m.rl.reward)
-        self.tok = AutoTokenizer.from_pretrained(cfg.model.path)
+        self.tok = _loaded("the tokenizer", cfg.model.path, AutoTokenizer.from_pretrained)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        mcfg = AutoConfig.from_pretrained(cfg.model.path)
+        mcfg = _loaded("the model config", cfg.model.path, AutoConfig.from_pretrained)
         context = getattr(mcfg, "max_position_embeddings", None) or cfg.data.max_length
         need = _data_need(cfg)
         if m.name == "sft_dpo":
@@ -161,6 +225,8 @@ class Trainer:
         else:
             self.data = prepare_data(cfg.data.path, cfg, self.tok, need, context)
             self.pref = self.data
+        if m.name in RL_FAMILY:
+            self._trial_reward()
         self.estimators()
         self.schedule = self._make_schedule()
         self.datareg = None  # Dr. Post-Training update rules (scale/datareg.py); target data checked here
@@ -226,18 +292,33 @@ class Trainer:
         elif m.name == "sft_dpo":
             self.terms.sft, self.terms.dpo_beta = sft_estimator(m.sft.aggregation), m.dpo.beta
         elif m.name == "hpt":
-            name = "hpt_paper" if m.hpt.variant == "paper" else "hpt_code"
-            self.terms.rl = rl_estimator(name, m.rl.estimator_options, self.cfg.generation.max_new_tokens)
+            self.terms.rl = self._rl_preset("hpt_paper" if m.hpt.variant == "paper" else "hpt_code")
             self.terms.sft = sft_estimator("seq_mean_token_mean" if m.hpt.variant == "paper" else "global_token_mean")
         elif m.name in ("luffy", "srft"):
-            self.terms.rl = rl_estimator(m.name, m.rl.estimator_options, self.cfg.generation.max_new_tokens)
+            self.terms.rl = self._rl_preset(m.name)
         else:
-            self.terms.rl = rl_estimator(m.rl.estimator, m.rl.estimator_options,
-                                          self.cfg.generation.max_new_tokens)
+            self.terms.rl = self._rl_preset(m.rl.estimator)
         self.terms.entropy_coef = m.rl.entropy_coef if m.name in RL_FAMILY else 0.0
         self.terms.kl_coef = m.rl.kl_coef if m.name in RL_FAMILY else 0.0
 
+    def _rl_preset(self, name: str):
+        """The method's estimator preset with method.rl.estimator_options; errors name the key."""
+        from theory.estimator import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"method.rl.estimator: unknown preset {name!r}; valid: {sorted(PRESETS)}")
+        try:
+            return rl_estimator(name, self.cfg.method.rl.estimator_options, self.cfg.generation.max_new_tokens)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"method.rl.estimator_options (preset {name!r}): {e}") from None
+
     def _make_schedule(self):
+        try:
+            return self._schedule()
+        except ValueError as e:  # theory.schedules names its argument, not the config key
+            raise ValueError(f"method.{'hpt' if self.cfg.method.name == 'hpt' else 'joint'}: {e}") from None
+
+    def _schedule(self):
         from theory import schedules
 
         m = self.cfg.method
@@ -264,13 +345,14 @@ class Trainer:
             return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
         return getattr(torch, name)
 
-    def _load_model(self, path):
+    def _load_model(self, path, key="model.path"):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path, dtype=self._dtype())
+        return _loaded("the model", path, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=self._dtype()), key)
 
     def _make_reference(self, model):
-        ref = self._load_model(self.cfg.model.ref_path) if self.cfg.model.ref_path else copy.deepcopy(model)
+        ref = self._load_model(self.cfg.model.ref_path, "model.ref_path") if self.cfg.model.ref_path else \
+            copy.deepcopy(model)
         ref.requires_grad_(False)
         return Policy(ref.eval(), chunk=self.cfg.run.logprob_chunk)
 
@@ -406,7 +488,7 @@ class Trainer:
         comps = self.generate([e["prompt_ids"] for e in exs], n_gen)
         texts = self.tok.batch_decode(comps, skip_special_tokens=True)
         answers = [e["answer"] for e in exs for _ in range(n_gen)]
-        rewards = [float(x) for x in self.reward_fn(texts, answers)]
+        rewards = self._rewards(texts, answers, [i for i in idx for _ in range(n_gen)], f"step {step + 1}")
         rows: list[Row] = []
         for q, e in enumerate(exs):
             for k in range(n_gen):
@@ -416,7 +498,7 @@ class Trainer:
             if with_demo:
                 t = e["completion"]
                 demo_text = self.tok.decode(t["input_ids"][t["prompt_len"]:], skip_special_tokens=True)
-                rd = float(self.reward_fn([demo_text], [e["answer"]])[0])
+                rd = self._rewards([demo_text], [e["answer"]], [idx[q]], f"step {step + 1}")[0]
                 rows.append(Row(list(t["input_ids"]), t["prompt_len"], "demo", meta={"group": q, "reward": rd}))
         R = torch.tensor([rw.meta["reward"] for rw in rows], dtype=torch.float64, device=self.acc.device)
         R_all = self.acc.gather(R)
@@ -435,6 +517,24 @@ class Trainer:
             for rw, lp in zip(rows, self._ref_logp(rows)):
                 rw.ref_token_logp = lp.tolist()
         return rows
+
+    def _rewards(self, texts, answers, examples, when: str) -> list[float]:
+        """The reward function on a batch; a failure also names the data example (its index in data.path)
+        of the completion to blame, and when."""
+        from scale.rewards import RewardError
+
+        try:
+            return [float(x) for x in self.reward_fn(texts, answers)]
+        except RewardError as e:
+            where = f"example {examples[e.index]} of {self.cfg.data.path}, " if e.index is not None else ""
+            raise ValueError(f"{e} [{where}{when}]") from e
+
+    def _trial_reward(self) -> None:
+        """One call of the reward on the first example's answer, boxed, before the model loads: a function
+        that fails on any input (a wrong signature, a None or NaN return) is named now, not after the
+        model has loaded and the first batch has been generated."""
+        answer = self.data[0]["answer"]
+        self._rewards([f"\\boxed{{{answer}}}"], [answer], [0], "a trial call before the model loads")
 
     def hpt_gate(self, rows, exs, info):
         """HPT: per prompt, keep its n rollouts (weight alpha) and / or its demonstration (weight beta)."""
@@ -675,11 +775,21 @@ class Trainer:
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-            self._model().save_pretrained(tmp, state_dict=sd)
-            self.tok.save_pretrained(tmp)
+            with ckpt.cleaned_on_failure(tmp, "final model"):  # a full disk: no final.tmp left behind
+                self._model().save_pretrained(tmp, state_dict=sd)
+                self.tok.save_pretrained(tmp)
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
         self.acc.wait_for_everyone()
+
+
+def _loaded(what: str, path: str, load, key: str = "model.path"):
+    """`load(path)`, with a failure named in one line: the key, what, where, and the loader's first line."""
+    try:
+        return load(path)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{key}: cannot load {what} from {path!r} ({type(e).__name__}: {first})") from e
 
 
 def _sequential():
