@@ -61,14 +61,15 @@ class Terms:
 def rl_estimator(name: str, options: dict | None = None, max_new_tokens: int | None = None) -> UPGE:
     """A preset for the trainer: the local `token_mean` becomes `global_token_mean` with a global count,
     the same value on one micro-batch and process, and invariant to the split otherwise. A constant-length
-    aggregation (`*_norm`, e.g. Dr. GRPO) divides by `max_new_tokens` (the completion budget, as TRL's
-    max_completion_length) unless the options set `max_length`: the log-prob tensors the trainer passes
-    are as wide as prompt + completion, so their width would make the loss depend on prompt length and on
-    the micro-batch split."""
-    est = preset(name, **(options or {}))
+    aggregation (`*_norm`: Dr. GRPO; `hpt_code`, whose released code divides by its response budget, 8192
+    there) divides by `max_new_tokens`, this run's completion budget (TRL's max_completion_length), unless
+    the options set `max_length`. Left at the padded width of the log-prob tensors (prompt + completion),
+    the loss would depend on prompt length and on the micro-batch split."""
+    options = dict(options or {})
+    est = preset(name, **options)
     if est.aggregation == "token_mean":
         est = est.replace(aggregation="global_token_mean")
-    if est.aggregation.endswith("_norm") and est.max_length is None and max_new_tokens is not None:
+    if est.aggregation.endswith("_norm") and "max_length" not in options and max_new_tokens is not None:
         est = est.replace(max_length=max_new_tokens)
     return est
 

@@ -237,6 +237,7 @@ def test_constant_length_aggregation_uses_the_completion_budget():
     assert rl_estimator("dr_grpo", max_new_tokens=16).max_length == 16
     assert rl_estimator("dr_grpo", {"max_length": 64}, max_new_tokens=16).max_length == 64
     assert rl_estimator("grpo", max_new_tokens=16).max_length is None
+    assert rl_estimator("hpt_code", max_new_tokens=16).max_length == 16   # the code's 8192 was its budget
     lp = torch.zeros(2, 40, dtype=torch.float64, requires_grad=True)
     short, long = torch.zeros(2, 40, dtype=torch.bool), torch.zeros(2, 40, dtype=torch.bool)
     short[:, 6:12] = True                      # 6-token prompts
