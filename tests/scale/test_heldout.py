@@ -122,3 +122,40 @@ def test_missing_eval_file_fails_before_the_model_loads(world, tmp_path, monkeyp
     cfg = _cfg(world, tmp_path, **{"eval.sets": [{"name": "a", "path": str(tmp_path / "nope.jsonl")}]})
     with pytest.raises(ValueError, match="nope.jsonl"):
         Trainer(cfg)
+
+
+def test_two_processes_evaluate_every_prompt_once(world, tmp_path):
+    """Under torchrun (2 CPU processes, gloo) each process evaluates its share and the counts are gathered:
+    every held-out prompt appears once per evaluation, and the held-out objectives equal one process's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    sets = json.dumps([{"name": "hgenerate", "path": str(world["test"])},
+                       {"name": "hdpo", "path": str(world["dpo"]), "kind": "dpo", "limit": 6}])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+
+    def run(out, nproc):
+        ov = base_overrides(world, "rl", "rl", out, **{"run.max_steps": 1, "run.cpu": True}) + [f"eval.sets={sets}"]
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(port), "-m", "experiments.cli", "train", str(cfg), *ov]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return [r for r in read_metrics(out) if "eval/hdpo/f_dpo" in r]
+
+    two, one = run(tmp_path / "two", 2), run(tmp_path / "one", 1)
+    recs = [json.loads(x) for x in (tmp_path / "two" / "eval_records.jsonl").read_text().splitlines()]
+    n_prompts = len((world["test"]).read_text().splitlines())
+    for step in (0, 1):
+        assert sorted(r["id"] for r in recs if r["step"] == step) == list(range(n_prompts))
+    assert [r["step"] for r in two] == [0, 1]
+    assert two[0]["eval/hdpo/f_dpo"] == pytest.approx(one[0]["eval/hdpo/f_dpo"], abs=1e-6)
+    assert two[0]["eval/hdpo/pref_accuracy"] == one[0]["eval/hdpo/pref_accuracy"]
