@@ -23,7 +23,9 @@ point written `gamma=0.125` (several keys joined by `,`). A method may carry its
 the top-level one (its keys win), so a sweep over an HPT knob need not repeat the SFT baseline.
 
 Resuming: a cell is done when `<cell>/DONE.json` exists (written after exit code 0); done cells are
-skipped, a folder without DONE.json is an interrupted or failed cell and is deleted and rerun. A done
+skipped, a folder without DONE.json is an interrupted or failed cell and is deleted and rerun. Both are
+checked again just before a cell starts, and a cell whose `RUNNING.json` names a live process (another
+sweep over the same folder) is skipped, not deleted, so two sweeps can share an `out` folder. A done
 cell whose recorded command differs from the current one (the sweep file changed) is an error: its
 result would be mixed with cells of another set-up.
 
@@ -358,6 +360,16 @@ def _cell_env(threads: int) -> dict[str, str]:
     return env
 
 
+def _running_elsewhere(cell: Cell) -> int | None:
+    """The pid of a live process that another sweep started in this cell (its RUNNING.json), else None."""
+    try:
+        pid = int(json.loads((cell.dir / "RUNNING.json").read_text())["pid"])
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        return pid
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _start(sweep: Sweep, cell: Cell) -> _Running:
     if cell.dir.exists():  # interrupted or failed before: the trainer must start clean
         shutil.rmtree(cell.dir)
@@ -365,6 +377,8 @@ def _start(sweep: Sweep, cell: Cell) -> _Running:
     command = cell_command(sweep, cell)
     log = open(cell.dir / "log.txt", "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_cell_env(sweep.threads))
+    # a second sweep over the same folder must not delete a cell that is still running
+    (cell.dir / "RUNNING.json").write_text(json.dumps({"pid": proc.pid}) + "\n")
     return _Running(cell, proc, log, command, time.monotonic())
 
 
@@ -382,6 +396,7 @@ def _first_metric_text(sweep: Sweep, cell: Cell) -> str:
 def _finish(sweep: Sweep, r: _Running, index: str) -> bool:
     """Record a finished process; True when it succeeded (DONE.json written)."""
     r.log.close()
+    (r.cell.dir / "RUNNING.json").unlink(missing_ok=True)
     seconds = time.monotonic() - r.start
     code = r.proc.returncode
     if code == 0:
@@ -412,7 +427,14 @@ def run_sweep(sweep: Sweep, jobs: int | None = None) -> list[Cell]:
     try:
         while pending or running:
             while pending and len(running) < jobs:
-                running.append(_start(sweep, pending.popleft()))
+                c = pending.popleft()
+                # checked again now: another sweep over the same folder may have finished or taken it
+                if _done_record(c) is not None or (pid := _running_elsewhere(c)) is not None:
+                    finished += 1
+                    state = "skip (done)" if _done_record(c) is not None else f"skip (running elsewhere, pid {pid})"
+                    print(f"[{finished}/{total}] {c.label} {state}", flush=True)
+                    continue
+                running.append(_start(sweep, c))
             time.sleep(POLL_SECONDS)
             for r in [r for r in running if r.proc.poll() is not None]:
                 running.remove(r)

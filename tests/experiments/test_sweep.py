@@ -5,6 +5,7 @@ a metrics.jsonl into the cell folder, as the trainer would.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -221,6 +222,24 @@ def test_resume_skips_done_cells_and_cleans_interrupted_ones(configs, fake_train
     assert main(["sweep", "s.yaml", "--jobs", "1"]) == 0
     assert started(fake_trainer) == [str(Path("out/b/seed2"))]
     assert not Path("out/b/seed2/stale.txt").exists() and Path("out/b/seed2/DONE.json").exists()
+
+
+def test_a_cell_running_in_another_sweep_is_left_alone(configs, fake_trainer, capsys):
+    """Two sweeps over one folder: a cell whose RUNNING.json names a live process is skipped, not deleted;
+    one naming a dead process is an interrupted cell (cleaned and rerun); no RUNNING.json is left behind."""
+    import subprocess
+
+    (configs / "s.yaml").write_text(yaml.safe_dump(spec(jobs=1)))
+    live = Path("out/a/seed1")
+    live.mkdir(parents=True)
+    (live / "RUNNING.json").write_text(json.dumps({"pid": os.getpid()}))   # this test process: alive
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    Path("out/b/seed1").mkdir(parents=True)
+    Path("out/b/seed1/RUNNING.json").write_text(json.dumps({"pid": int(dead.stdout)}))   # exited: not alive
+    assert main(["sweep", "s.yaml"]) == 0
+    assert str(live) not in started(fake_trainer) and (live / "RUNNING.json").exists()
+    assert "skip (running elsewhere" in capsys.readouterr().out
+    assert Path("out/b/seed1/DONE.json").exists() and not list(Path("out").glob("b/*/RUNNING.json"))
 
 
 def test_a_failing_cell_does_not_stop_the_others(configs, fake_trainer, capsys):
