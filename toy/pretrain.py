@@ -152,24 +152,25 @@ def ladder(model_dir: str | Path, n_prompts: int = 64, n: int = 8, max_new_token
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from scale.evaluate import generate
+    from scale.evaluate import generate, grade, metrics_of
     from scale.rewards import load_reward
     from toy.world import LEVELS, examples
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    grade = load_reward("math")
+    reward = load_reward("math")
     out = {}
     for lv in levels or tuple(LEVELS):
-        rows = examples(lv, "test", n_prompts)
-        prompts, answers = [r["prompt"] for r in rows], [r["answer"] for r in rows]
+        exs = examples(lv, "test", n_prompts)
+        rows, prompts = [{"id": i, "answer": r["answer"]} for i, r in enumerate(exs)], [r["prompt"] for r in exs]
         torch.manual_seed(seed)
         sampled = generate(model, tok, prompts, n=n, temperature=1.0, max_new_tokens=max_new_tokens, batch_size=64)
         greedy = generate(model, tok, prompts, n=1, temperature=0.0, max_new_tokens=max_new_tokens, batch_size=64)
-        correct = [sum(x >= 0.5 for x in grade(c, [a] * n)) for c, a in zip(sampled, answers)]
-        g = [grade(c, [a])[0] >= 0.5 for c, a in zip(greedy, answers)]
-        out[lv] = {"greedy": sum(g) / len(g), f"avg@{n}": sum(correct) / (n * len(rows)),
-                   "all_fail": sum(c == 0 for c in correct) / len(rows)}
+        per_prompt = grade(rows, sampled, reward, n)
+        for p, g in zip(per_prompt, grade(rows, greedy, reward, 1)):
+            p["greedy"] = g["correct"]
+        m = metrics_of(per_prompt, n, [])
+        out[lv] = {k: m[k] for k in ("greedy", f"avg@{n}", "all_fail")}
     return out
 
 
