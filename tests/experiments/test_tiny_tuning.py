@@ -29,7 +29,13 @@ def test_choose_follows_the_rule():
         "mix__b": _variant("mix", 5e-4, {F_SFT: 0.2, F_DPO: 0.8}),             # tie on the sum: smaller lr
         "sft__a": _variant("sft", 5e-4, {}),                                   # no metric: ignored
     }}
-    assert choose(rep) == {"dpo": 5e-4, "grpo": 2e-4, "luffy": 2e-4, "mix": 2e-4, "srft": 2e-4}   # + SHARED
+    assert choose(rep) == {c: {"run.lr": lr} for c, lr in
+                           {"dpo": 5e-4, "grpo": 2e-4, "luffy": 2e-4, "mix": 2e-4, "srft": 2e-4}.items()}  # + SHARED
+    knob = {"variants": {   # round 2: a tie on the score goes to the smaller rate, then the smaller knob
+        "a": {**_variant("alright", 1e-4, {F_SFT: 0.3, F_DPO: 0.5}), "point": {"run.lr": 1e-4, "method.joint.lam": 0.5}},
+        "b": {**_variant("alright", 1e-4, {F_SFT: 0.5, F_DPO: 0.3}), "point": {"run.lr": 1e-4, "method.joint.lam": 0.25}},
+        "c": {**_variant("alright", 5e-5, {F_SFT: 0.5, F_DPO: 0.4}), "point": {"run.lr": 5e-5, "method.joint.lam": 0.25}}}}
+    assert choose(knob) == {"alright": {"run.lr": 1e-4, "method.joint.lam": 0.25}}
     assert set(LR_GRID) == set(PRIMARY)
 
 
