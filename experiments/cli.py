@@ -44,8 +44,12 @@ def _table1_run(a: argparse.Namespace) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
+    from scale.methods import method_names
+
     p.add_argument("config", type=Path, help="YAML config (see experiments/configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. run.max_steps=4")
+    p.epilog = (f"method.name: one of {', '.join(method_names())} (scale/methods/), or module:Class for your "
+                "own scale.methods.Method subclass (README, 'Add a method').")
 
 
 def _train_run(a: argparse.Namespace) -> int:
@@ -107,7 +111,7 @@ def _sweep_run(a: argparse.Namespace) -> int:
 COMMANDS = {
     "figures": (_figures_args, _figures_run, "regenerate the figures and tables under paper_figs/"),
     "table1": (_table1_args, _table1_run, "render the HPT paper's Table 1 from the estimator presets"),
-    "train": (_train_args, _train_run, "train a model: sft, dpo, rl, hpt, luffy, srft, sft_dpo (scale/train.py)"),
+    "train": (_train_args, _train_run, "train a model with any method of scale/methods/ (scale/train.py)"),
     "eval": (_eval_args, _eval_run, "pass@k and avg@n of a model on a JSONL benchmark (scale/evaluate.py)"),
     "sweep": (_sweep_args, _sweep_run, "run method x grid x seed training cells and report over seeds"),
 }

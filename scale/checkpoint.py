@@ -168,3 +168,20 @@ def load(accelerator, path: Path) -> tuple[dict, dict]:
     state = json.loads((path / "trainer_state.json").read_text())
     extra = torch.load(path / "extra.pt", weights_only=False)
     return state, extra
+
+
+def save_final(acc, policy, model, tok, path: Path) -> None:
+    """The final model as a Hugging Face folder (an adapter under LoRA), written to `path.tmp` then
+    renamed; `policy` is the prepared wrapper (whose state dict holds `model.*`), `model` the inner model."""
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(policy)
+    if acc.is_main_process:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        with cleaned_on_failure(tmp, "final model"):  # a full disk: no final.tmp left behind
+            model.save_pretrained(tmp, state_dict=sd)
+            tok.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    acc.wait_for_everyone()

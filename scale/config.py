@@ -23,8 +23,7 @@ from typing import Any
 
 import yaml
 
-METHODS = ("sft", "dpo", "rl", "hpt", "luffy", "srft", "sft_dpo")
-SCHEDULES = ("sequential", "mix", "alright", "maxright")
+SCHEDULES = ("sequential", "mix", "alright", "maxright")   # method.joint.schedule
 
 
 @dataclass
@@ -120,7 +119,8 @@ class JointOptions:
 
 @dataclass
 class MethodConfig:
-    name: str = "sft"                 # sft | dpo | rl | hpt | luffy | srft | sft_dpo
+    name: str = "sft"                 # a method of scale/methods/ (`ptlab train --help` lists them) or module:Class
+    options: dict[str, Any] = field(default_factory=dict)   # a user's own method's options (free-form)
     sft: SftOptions = field(default_factory=SftOptions)
     dpo: DpoOptions = field(default_factory=DpoOptions)
     rl: RlOptions = field(default_factory=RlOptions)
@@ -407,16 +407,9 @@ class Config:
         m, r, g = self.method, self.run, self.generation
         if g.top_k and g.backend == "ptlab":
             raise ValueError("generation.top_k: the ptlab sampler has no top-k; use backend hf or top_k=0")
-        if m.name in ("rl", "hpt", "luffy", "srft") and g.n < 2:
-            raise ValueError(f"generation.n: method {m.name!r} needs at least 2 samples per prompt, got {g.n}")
-        if m.name == "hpt" and m.hpt.switch_gate > g.n:
-            raise ValueError(f"method.hpt.switch_gate: expected -1 or an integer in [0, generation.n={g.n}], "
-                             f"got {m.hpt.switch_gate}")
         if r.batch_size % m.rl.mini_batches:
             raise ValueError(f"method.rl.mini_batches: must divide run.batch_size={r.batch_size}, "
                              f"got {m.rl.mini_batches}")
-        if m.name == "sft_dpo" and m.joint.schedule == "sequential" and len(m.joint.order) != 2:
-            raise ValueError(f"method.joint.order: expected two objective names, got {m.joint.order}")
         if len(r.betas) != 2:
             raise ValueError(f"run.betas: expected two numbers, got {r.betas}")
         if self.model.lora.enabled and not self.model.lora.target_modules:
@@ -427,7 +420,9 @@ class Config:
 
     def _check_choices(self) -> None:
         m, g, r = self.method, self.generation, self.run
-        _choice("method.name", m.name, METHODS)
+        from scale.methods import get_method
+
+        get_method(m.name).check(self)  # an unknown name fails naming method.name; then the method's own keys
         _choice("method.sft.aggregation", m.sft.aggregation, ("global_token_mean", "seq_mean_token_mean"))
         _choice("method.hpt.variant", m.hpt.variant, ("paper", "code"))
         _choice("method.hpt.gate_mode", m.hpt.gate_mode, ("switch", "smooth"))

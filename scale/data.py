@@ -2,8 +2,8 @@
 
 Columns (TRL's, `ecosystem.md` section 1.5): `prompt`/`completion` (SFT and demonstrations),
 `prompt`/`chosen`/`rejected` (DPO), `messages` (a conversation; converted to prompt/completion with the
-tokenizer's chat template), plus `answer` for verifiable rewards. `METHOD_COLUMNS` says which columns
-each trainer method needs; `require_columns` checks them before any model loads.
+tokenizer's chat template), plus `answer` for verifiable rewards. `DATA_KINDS` says which columns
+each kind of data (a method's `data`) needs; `require_columns` checks them before any model loads.
 
 Token layout of one example (`tokenize_pairs`): input_ids = prompt ids + completion ids (+ eos);
 labels = -100 on the prompt, the completion ids after it. Prompt and completion are tokenised
@@ -19,17 +19,17 @@ from pathlib import Path
 IGNORE = -100
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
-_SFT = ({"prompt", "completion"}, {"messages"})
-_DPO = ({"prompt", "chosen", "rejected"},)
-_RL = ({"prompt", "answer"},)
-_DEMO = ({"prompt", "answer", "completion"}, {"messages", "answer"})
-_JOINT = ({"prompt", "completion", "chosen", "rejected"},)
-# method -> alternatives; a dataset satisfies the method when it has every column of one alternative.
-METHOD_COLUMNS: dict[str, tuple[set[str], ...]] = {
-    "sft": _SFT, "dpo": _DPO, "rl": _RL, "hpt": _DEMO, "luffy": _DEMO, "srft": _DEMO,
-    "sequential": _JOINT, "mix": _JOINT, "alright": _JOINT, "maxright": _JOINT,
+# The kinds of data a method trains or evaluates on -> alternative column sets; a dataset has a kind when
+# it has every column of one alternative. A method names its kind (`scale.methods.Method.data`).
+DATA_KINDS: dict[str, tuple[set[str], ...]] = {
+    "sft": ({"prompt", "completion"}, {"messages"}),             # demonstrations
+    "dpo": ({"prompt", "chosen", "rejected"},),                   # preference pairs
+    "rl": ({"prompt", "answer"},),                                # prompts with a verifiable answer
+    "demo": ({"prompt", "answer", "completion"}, {"messages", "answer"}),   # both (HPT, LUFFY, SRFT)
     "eval": ({"prompt", "answer"}, {"messages", "answer"}),
 }
+COMPLETION_COLUMNS = {"sft": ("completion",), "dpo": ("chosen", "rejected"), "rl": (), "demo": ("completion",),
+                      "eval": ()}
 
 
 def load_data(path_or_dir: str | Path, split: str | None = None):
@@ -165,21 +165,21 @@ def _pick_split(names: list[str], split: str | None, path: Path) -> str:
     return split
 
 
-def require_columns(ds, method: str, source: str | None = None) -> None:
-    """Raise ValueError unless `ds` is non-empty and has the columns `method` needs (naming the missing
-    ones and the file, `source` or the path `load_data` recorded)."""
-    if method not in METHOD_COLUMNS:
-        raise ValueError(f"method: expected one of {sorted(METHOD_COLUMNS)}, got {method!r}")
+def require_columns(ds, kind: str, source: str | None = None, who: str | None = None) -> None:
+    """Raise ValueError unless `ds` is non-empty and has the columns of data kind `kind` (naming the
+    missing ones, the file, `source` or the path `load_data` recorded, and `who` needs them: a method)."""
+    if kind not in DATA_KINDS:
+        raise ValueError(f"data kind: expected one of {sorted(DATA_KINDS)}, got {kind!r}")
     source = source or getattr(getattr(ds, "info", None), "description", None) or "the dataset"
     if len(ds) == 0:
         raise ValueError(f"data: {source} is empty")
     have = set(ds.column_names)
-    options = METHOD_COLUMNS[method]
+    options = DATA_KINDS[kind]
     if any(need <= have for need in options):
         return
     missing = min((sorted(need - have) for need in options), key=len)
     alts = " or ".join("/".join(sorted(n)) for n in options)
-    raise ValueError(f"data: {source} lacks column(s) {missing} needed by method {method!r} "
+    raise ValueError(f"data: {source} lacks column(s) {missing} needed by method {who or kind!r} "
                      f"(needs {alts}; has {sorted(have)})")
 
 
@@ -279,3 +279,67 @@ def collate(rows: list[dict], pad_id: int, left: bool = False) -> dict:
         labels[i, sl] = torch.tensor(r.get("labels", r["input_ids"]))
         mask[i, sl] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _dotted(ex: dict, key: str):
+    v = ex
+    for part in key.split("."):
+        if not isinstance(v, dict) or part not in v:
+            raise ValueError(f"data.columns: source column {key!r} not found in the data")
+        v = v[part]
+    return v
+
+
+def prepare_data(path: str, cfg, tokenizer, kind: str, context: int, limit: int | None = None,
+                 columns: dict | None = None, keep: tuple[str, ...] = (), max_new_tokens: int = 0,
+                 who: str | None = None) -> list[dict]:
+    """Load, map columns, check columns (of data kind `kind`, for `who`) / emptiness / lengths, tokenise.
+    Returns one dict per example (with the columns named in `keep` copied where present, e.g. an
+    evaluation set's id and level). With `max_new_tokens` > 0 (data that is sampled from), every prompt
+    plus that many new tokens must fit the model's context."""
+    d = cfg.data
+    ds = load_data(path, d.split if d.split else None)
+    columns = d.columns if columns is None else columns
+    if columns:
+        first = ds[0]
+        for src in columns.values():
+            _dotted(first, src)
+        ds = ds.map(lambda ex: {dst: _dotted(ex, src) for dst, src in columns.items()})
+    limit = d.limit if limit is None else limit
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    require_columns(ds, kind, source=str(path), who=who)
+    check_text_columns(ds, str(path))
+    ds = to_prompt_completion(ds, tokenizer)
+    rows = ds.to_list()
+
+    def fmt(p):
+        if d.chat_template:
+            return tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return d.prompt_template.format(prompt=p)
+
+    prompts = [fmt(r["prompt"]) for r in rows]
+    max_len = min(d.max_length, context)
+    out = [{"prompt": p, "answer": str(r.get("answer", "")), **{k: r[k] for k in keep if r.get(k) is not None}}
+           for p, r in zip(prompts, rows)]
+    cols = COMPLETION_COLUMNS[kind]
+    try:
+        if not cols:
+            p_ids = tokenize_pairs(prompts, [""] * len(prompts), tokenizer, max_len, d.max_prompt_length, add_eos=False)
+        for c in cols:
+            toks = tokenize_pairs(prompts, [str(r[c]) for r in rows], tokenizer, max_len, d.max_prompt_length)
+            for o, t in zip(out, toks):
+                o[c] = t
+            p_ids = toks
+    except ValueError as e:
+        raise ValueError(f"data: {path}: {e}") from None
+    for i, (o, t) in enumerate(zip(out, p_ids)):
+        o["prompt_ids"] = t["input_ids"][: t["prompt_len"]]
+        if max_new_tokens and len(o["prompt_ids"]) + max_new_tokens > context:
+            raise ValueError(f"data: {path}: example {i}: prompt has {len(o['prompt_ids'])} tokens; with "
+                             f"max_new_tokens={max_new_tokens} it exceeds the context of {context} tokens")
+        for k in ("ref_chosen_logp", "ref_rejected_logp"):
+            if k in rows[i]:
+                o[k] = float(rows[i][k])
+    return out

@@ -28,21 +28,22 @@ import math
 import torch
 import torch.nn.functional as F
 
-from scale.methods import Row, collate
+from scale.loss import Row, collate
+from scale.methods.dpo import pair_rows
 
 
 class HeldOut:
     def __init__(self, trainer, context: int):
+        from scale.data import prepare_data
         from scale.evaluate import GROUPS
-        from scale.train import prepare_data
 
         self.t, self.cfg = trainer, trainer.cfg.eval
         self.sets = []
         for s in self.cfg.sets:
-            need = {"generate": "rl", "sft": "sft", "dpo": "dpo"}[s.kind]
+            kind = {"generate": "rl", "sft": "sft", "dpo": "dpo"}[s.kind]
             max_new = self.cfg.max_new_tokens or trainer.cfg.generation.max_new_tokens
-            data = prepare_data(s.path, trainer.cfg, trainer.tok, need, context, limit=s.limit,
-                                columns={}, keep=("id", *GROUPS), max_new_tokens=max_new)
+            data = prepare_data(s.path, trainer.cfg, trainer.tok, kind, context, limit=s.limit, columns={},
+                                keep=("id", *GROUPS), max_new_tokens=max_new if s.kind == "generate" else 0)
             self.sets.append((s, data))
         self.reward_fn = None
         if any(s.kind == "generate" for s in self.cfg.sets):
@@ -122,7 +123,7 @@ class HeldOut:
             tokens = sum(n for _, n in sums)
             nll, tokens = _reduce(t.acc, [nll, float(tokens)])
             return {"f_sft": nll / tokens}
-        rows = t.dpo_rows(mine, data=data)
+        rows = pair_rows(t, mine, data=data)
         sums = self._row_logps(rows)
         beta = t.cfg.method.dpo.beta
         loss = wins = 0.0

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from scale.data import (
+    DATA_KINDS,
     IGNORE,
-    METHOD_COLUMNS,
     chat_to_prompt_completion,
     collate,
     load_data,
@@ -71,26 +71,37 @@ def test_load_errors(tmp_path):
 
 
 def test_require_columns_per_method(tmp_path):
+    """Every registered method's data kind (and a joint method's preference set) is checked; the message
+    names the method."""
     import datasets
+
+    from scale.methods import get_method, method_names
+
+    def check(ds, name, source=None):
+        m = get_method(name)
+        require_columns(ds, m.data, source=source, who=name)
+        if m.pref_data:
+            require_columns(ds, "dpo", source=source, who=name)
 
     f = _write(tmp_path / "sft.jsonl", ROWS)
     ds = load_data(f)
-    for method in ("sft", "rl", "hpt", "luffy", "srft", "eval"):
-        require_columns(ds, method)
-    for method in ("dpo", "mix", "alright", "maxright", "sequential"):
+    for method in ("sft", "rl", "hpt", "luffy", "srft"):
+        check(ds, method)
+    require_columns(ds, "eval")
+    for method in ("dpo", "sft_dpo"):
         with pytest.raises(ValueError, match=r"sft.jsonl lacks column\(s\) \['chosen', 'rejected'\]") as e:
-            require_columns(ds, method)
+            check(ds, method)
         assert repr(method) in str(e.value)
     no_answer = datasets.Dataset.from_list([{"prompt": "p", "completion": "c"}])
     with pytest.raises(ValueError, match=r"my.jsonl lacks column\(s\) \['answer'\] needed by method 'rl'"):
-        require_columns(no_answer, "rl", source="my.jsonl")
-    require_columns(datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "x"}]}]), "sft")
+        check(no_answer, "rl", source="my.jsonl")
+    check(datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "x"}]}]), "sft")
     with pytest.raises(ValueError, match="empty"):
-        require_columns(datasets.Dataset.from_dict({"prompt": [], "completion": []}), "sft")
-    with pytest.raises(ValueError, match="method"):
+        check(datasets.Dataset.from_dict({"prompt": [], "completion": []}), "sft")
+    with pytest.raises(ValueError, match="kind"):
         require_columns(ds, "ppo2")
-    assert set(METHOD_COLUMNS) >= {"sft", "dpo", "rl", "hpt", "luffy", "srft", "sequential", "mix", "alright",
-                                   "maxright"}
+    assert set(method_names()) >= {"sft", "dpo", "rl", "hpt", "luffy", "srft", "sft_dpo"}
+    assert {get_method(m).data for m in method_names()} <= set(DATA_KINDS)
 
 
 def test_chat_conversion(tok):

@@ -56,7 +56,7 @@ def test_heldout_objectives_equal_plain_references(world, tmp_path):
         for p in t._model().parameters():   # move away from the reference so f_dpo is not log 2
             p.add_(0.01 * torch.randn_like(p))
     m, _ = t.heldout.run(1)
-    model, ref = t._model(), t.ref.model
+    model, ref = t._model(), t.reference.model.model
 
     def seq_logp(mdl, ids, plen):
         x = torch.tensor([ids])

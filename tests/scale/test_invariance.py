@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _cases(tr):
     """(name, global units, Terms, extra norms); a unit is the rows one prompt / pair / example brings."""
-    from scale.methods import Row, Terms, rl_estimator, sft_estimator
+    from scale.loss import Row, Terms, rl_estimator, sft_estimator
 
     rng = random.Random(0)
     G = 4
@@ -126,7 +126,7 @@ def test_update_invariant_to_split(world, tmp_path):
 def test_split_detects_a_local_normaliser(world):
     """Control: the per-micro-batch token mean (TRL's bnpo, not converted to a global count) changes with
     the split, so the comparison above can fail."""
-    from scale.methods import Terms
+    from scale.loss import Terms
     from theory.estimator import preset
 
     def local_cases(tr):

@@ -82,7 +82,7 @@ def test_is_right_padded():
 
 def test_collate_equals_row_loop():
     """methods.collate's masks and ids equal a row-by-row construction (right padding, completion scored)."""
-    from scale.methods import Row, collate
+    from scale.loss import Row, collate
 
     rows = [Row([5, 6, 7, 8], 2, "rl", old_logp=[-1.0, -2.0]), Row([9, 10], 1, "sft"), Row([3, 4, 5], 3, "sft")]
     b = collate(rows, pad_id=0)

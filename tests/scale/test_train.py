@@ -86,7 +86,7 @@ def test_trainer_loss_equals_estimator(world, tmp_path, name):
     """Trainer path (chunked log-probs at temperature T, global normalisers, Row batches) == the estimator
     applied to full-logit log-probs of the same tokens; values and parameter gradients."""
     from scale.logprobs import reference_logprobs
-    from scale.methods import Row, Terms, collate, local_counts, micro_loss, rl_estimator, sft_estimator
+    from scale.loss import Row, Terms, collate, local_counts, micro_loss, rl_estimator, sft_estimator
     from theory.estimator import preset
 
     T = 0.7
@@ -120,10 +120,12 @@ def test_trainer_loss_equals_estimator(world, tmp_path, name):
 def test_dpo_loss_matches_formula(world, tmp_path):
     """DPO term == mean over pairs of -log sigmoid(beta * ((c - c_ref) - (r - r_ref))), sums of token log-probs."""
     from scale.logprobs import reference_logprobs
-    from scale.methods import Terms, collate, local_counts, micro_loss
+    from scale.loss import Terms, collate, local_counts, micro_loss
 
     tr = _trainer(world, tmp_path, method="dpo", data="dpo")
-    rows = tr.dpo_rows(list(range(4)))
+    from scale.methods.dpo import pair_rows
+
+    rows = pair_rows(tr, list(range(4)))
     mb = collate(rows, tr.tok.pad_token_id)
     lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"])
     got, _ = micro_loss(lp, ent, mb, Terms(dpo_beta=0.1), local_counts(rows))
@@ -137,7 +139,6 @@ def test_dpo_loss_matches_formula(world, tmp_path):
 
 # ---------------------------------------------------------------------------- schedules equal theory.schedules
 def test_joint_weights_equal_schedule(world, tmp_path):
-    from scale.train import Trainer
     from theory.schedules import Alright, Maxright, Sequential
 
     for sched, extra in [("alright", {"method.joint.lam": 0.3, "method.joint.seed": 7}),
@@ -146,14 +147,14 @@ def test_joint_weights_equal_schedule(world, tmp_path):
         tr = _trainer(world, tmp_path, method="sft_dpo", data="joint",
                       **{"method.joint.schedule": sched, "run.max_steps": 6, **extra})
         seen = []
-        real = Trainer.objective_values
+        real = tr.method.objective_values
 
-        def spy(self, a, b, seen=seen, real=real):
-            v = real(self, a, b)
+        def spy(trainer, a, b, seen=seen, real=real):
+            v = real(trainer, a, b)
             seen.append(v)
             return v
 
-        tr.objective_values = spy.__get__(tr)
+        tr.method.objective_values = spy
         logs = [tr.train_step(s) for s in range(6)]
         got = [(m["w_sft"], m["w_dpo"]) for m in logs]
         if sched == "alright":
@@ -176,7 +177,7 @@ def test_hpt_gate_equals_schedule(world, tmp_path):
     """Which prompts the trainer sends to SFT / RL (and with what weight) is HptGate's decision."""
     import numpy as np
 
-    from scale.methods import Row
+    from scale.loss import Row
     from theory.schedules import HptGate
 
     n = 4
@@ -187,7 +188,7 @@ def test_hpt_gate_equals_schedule(world, tmp_path):
         correct = [0, 1, 2, 3, 4]
         rows = [Row([1, 2, 3], 1, "rl", meta={"group": q, "reward": float(k < c)})
                 for q, c in enumerate(correct) for k in range(n)]
-        out = tr.hpt_gate(rows, exs, {})
+        out = tr.method.select(tr, rows, exs, {})
         gate = HptGate.from_code(1, n) if variant == "code" else HptGate(
             extra["method.hpt.gamma"], mode=extra.get("method.hpt.gate_mode", "switch"))
         alpha, beta = gate.count_weights(np.array(correct)) if variant == "code" else \
@@ -232,7 +233,7 @@ def test_gradient_checkpointing_gives_the_same_update(world, tmp_path):
 def test_constant_length_aggregation_uses_the_completion_budget():
     """Dr. GRPO's L is generation.max_new_tokens in the trainer (not the padded prompt + completion width),
     unless the estimator options set it; other aggregations are left alone."""
-    from scale.methods import rl_estimator
+    from scale.loss import rl_estimator
 
     assert rl_estimator("dr_grpo", max_new_tokens=16).max_length == 16
     assert rl_estimator("dr_grpo", {"max_length": 64}, max_new_tokens=16).max_length == 64

@@ -1,4 +1,4 @@
-"""What each method trains on, and the loss of one micro-batch, written on plain tensors.
+"""Rows and the loss of one micro-batch, written on plain tensors (the methods in `scale/methods/` build the rows).
 
 A training batch is a list of `Row`s (one sequence each: prompt + completion token ids, the part that is
 scored, a kind, an advantage and a weight). Methods differ only in which rows they build and which loss
@@ -199,3 +199,21 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict, terms: Terms
         # the backward still runs, with zero gradients
         loss = loss + (logp * M).sum() * 0.0
     return loss, stats
+
+
+def split_rows(rows: list[Row], k: int) -> list[list[Row]]:
+    """k contiguous micro-batches of near-equal size; DPO pairs stay together; an empty one gets a dummy
+    row with nothing scored (so every process runs the same number of backward passes)."""
+    units, i = [], 0
+    while i < len(rows):
+        step = 2 if rows[i].kind == "chosen" else 1
+        units.append(rows[i:i + step])
+        i += step
+    out = []
+    for j in range(k):
+        part = [rw for u in units[j * len(units) // k:(j + 1) * len(units) // k] for rw in u]
+        if not part:
+            ids = rows[0].input_ids[:2] if rows else [0, 0]
+            part = [Row(list(ids), len(ids), "sft", weight=0.0)]
+        out.append(part)
+    return out

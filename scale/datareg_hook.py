@@ -1,0 +1,145 @@
+"""The trainer's side of data-regularised post-training: feeds the `DataReg` engine (scale/datareg.py,
+which knows nothing of the trainer) the trainer's rows, its target data and its loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scale.config import DataRegConfig
+from scale.data import prepare_data
+from scale.datareg import DataReg
+
+
+class _DetachedHead(nn.Module):
+    """A linear output head with detached parameters (the merged target rows' log-probs)."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.weight = head.weight.detach()
+        self.bias = None if head.bias is None else head.bias.detach()
+
+    def forward(self, h):
+        return F.linear(h, self.weight, self.bias)
+
+
+class TrainerHook:
+    """The ``datareg:`` section inside ``scale.train.Trainer``: target data (loaded before the model), the
+    engine (built on first use), and ``backward(rows, norms)``, which replaces the ordinary backward.
+
+    The target loss is the SFT token-mean NLL of ``target_batch_size`` target examples (prompt /
+    completion), cycled in file order and the same on every process, whatever the method (SFT, DPO, RL):
+    the target task's likelihood. Samples: a row, or a DPO pair (its two rows); weights: scored tokens
+    under a global token mean, else 1 (per-sequence means, DPO pairs).
+    """
+
+    def __init__(self, trainer, context: int):
+        d = trainer.cfg.datareg
+        self.tr, self.cfg = trainer, d
+        self.engine: DataReg | None = None
+        self.target: list[dict] = []
+        if d.target == "file":
+            try:
+                self.target = prepare_data(d.target_path, trainer.cfg, trainer.tok, "sft", context)
+            except ValueError as e:
+                raise ValueError(f"datareg.target_path: {e}") from None
+            if not self.target:
+                raise ValueError(f"datareg.target_path: the target set {d.target_path!r} is empty")
+
+    def _engine(self) -> DataReg:
+        if self.engine is None:
+            kind = self.tr.acc.distributed_type.name
+            if kind not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU"):
+                raise ValueError(f"datareg: supported under DDP or one process, not {kind}")
+            keys = [f.name for f in dataclasses.fields(DataRegConfig)]
+            model = self.tr._model()
+            head = model.get_output_embeddings()
+            if self.cfg.merged_target and not isinstance(head, nn.Linear):
+                raise ValueError("datareg.merged_target: the model's output head is not an nn.Linear")
+            # the head sees flattened scored tokens (scale.logprobs); merged target rows use _DetachedHead
+            self.engine = DataReg(model, DataRegConfig(**{k: getattr(self.cfg, k) for k in keys}),
+                                  unsplit=(head,) if head is not None else ())
+        return self.engine
+
+    def _target_rows(self) -> list:
+        from scale.loss import Row
+
+        b, step = self.cfg.target_batch_size, self.tr.step
+        exs = [self.target[(step * b + j) % len(self.target)] for j in range(b)]
+        return [Row(list(e["completion"]["input_ids"]), e["completion"]["prompt_len"], "sft") for e in exs]
+
+    def _samples(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        terms = self.tr.terms
+        token_mean = {"sft": terms.sft is not None and terms.sft.aggregation == "global_token_mean",
+                      "rl": terms.rl is not None and terms.rl.aggregation == "global_token_mean"}
+        sample_of_row, weights = [], []
+        for i, rw in enumerate(rows):
+            if rw.kind == "rejected" and i and rows[i - 1].kind == "chosen":
+                sample_of_row.append(len(weights) - 1)
+                continue
+            kind = "rl" if rw.kind in ("rl", "demo") else rw.kind
+            sample_of_row.append(len(weights))
+            weights.append(float(max(rw.n_scored, 1)) if token_mean.get(kind) else 1.0)
+        return torch.tensor(sample_of_row), torch.tensor(weights, dtype=torch.float64)
+
+    def backward(self, rows, norms: dict, micro: int = 0, n_micro: int = 1) -> tuple[torch.Tensor, dict]:
+        """Add the rule's gradients of micro-batch ``micro`` (of ``n_micro``) of this process's rows; the
+        target is captured on the first micro-batch, the sum over processes done after the last. Returns
+        (loss, statistics)."""
+        from scale.logprobs import selected_logprobs
+        from scale.loss import Terms, collate, local_counts, micro_loss, sft_estimator
+
+        tr, eng = self.tr, self._engine()
+        # target cycling and the random control follow the trainer's (checkpointed) step: resume is exact
+        eng.step_count = tr.step * n_micro + micro
+        dev, pad = tr.acc.device, tr.tok.pad_token_id
+        seen: dict = {}
+
+        def general_loss(sel):
+            part = rows if sel is None else [rows[i] for i in sel.tolist()]
+            mb = collate(part, pad, dev)
+            lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"],
+                                temperature=tr.cfg.generation.temperature)
+            loss, st = micro_loss(lp, ent, mb, tr.terms, norms)
+            seen.setdefault("out", (float(loss.detach()), st))  # statistics of the whole batch's pass
+            return loss
+
+        def target_nll(lp, ent, mb, trows):
+            loss = micro_loss(lp, ent, mb, Terms(sft=sft_estimator("global_token_mean")), local_counts(trows))[0]
+            seen.setdefault("target", float(loss.detach()))
+            return loss
+
+        def target_loss():
+            trows = self._target_rows()
+            mb = collate(trows, pad, dev)
+            lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], with_entropy=False)
+            return target_nll(lp, ent, mb, trows)
+
+        def merged_loss(sel):
+            """One decoder pass over the general rows then the target rows; the head is applied to each part
+            (the target's at temperature 1 with detached weights, so only hooked layers see the target)."""
+            trows, n = self._target_rows(), len(rows)
+            mb = collate(list(rows) + trows, pad, dev)
+            pol = tr.acc.unwrap_model(tr.policy)
+            h, head = pol.hidden(mb["input_ids"], mb["attention_mask"]), pol.model.get_output_embeddings()
+            part = [{k: None if v is None else v[sl] for k, v in mb.items()} for sl in (slice(0, n), slice(n, None))]
+            lp, ent = selected_logprobs(h[:n], head, part[0]["input_ids"], part[0]["score_mask"],
+                                        temperature=tr.cfg.generation.temperature, chunk=pol.chunk)
+            loss, st = micro_loss(lp, ent, part[0], tr.terms, norms)
+            seen.setdefault("out", (float(loss.detach()), st))
+            tlp, tent = selected_logprobs(h[n:], _DetachedHead(head), part[1]["input_ids"], part[1]["score_mask"],
+                                          chunk=pol.chunk, with_entropy=False)
+            return loss + target_nll(tlp, tent, part[1], trows)
+
+        sample_of_row, weights = self._samples(rows)
+        merged = self.cfg.merged_target
+        target = "batch" if self.cfg.target == "batch" else (None if merged else target_loss)
+        info = eng.step(merged_loss if merged else general_loss, weights, target, sample_of_row=sample_of_row,
+                        no_sync=lambda: tr.acc.no_sync(tr.policy), new_target=micro == 0,
+                        sync=micro == n_micro - 1, merged=self.cfg.target_batch_size if merged else 0)
+        self.last_info = {**info, "target_loss": seen.get("target")}
+        loss, st = seen.get("out", (0.0, {}))
+        return torch.tensor(loss), st

@@ -1,0 +1,81 @@
+"""Sampling completions for rollouts and in-training evaluation, with the settings of `generation:`
+(temperature, top_p, top_k = 0 unless set), or greedy decoding; backends hf (`model.generate`), ptlab
+(`scale.sampling`, the same sampling law) and vllm (GPU only)."""
+
+from __future__ import annotations
+
+import torch
+
+from scale.config import Config
+
+
+class Generator:
+    def __init__(self, cfg: Config, tok, acc, model_fn, rollouts: bool = True):
+        """`model_fn()` returns the current (unwrapped) Hugging Face model; vLLM serves the rollouts of
+        an on-policy method only (evaluation and off-policy methods sample with hf)."""
+        self.cfg, self.tok, self.acc, self.model_fn = cfg, tok, acc, model_fn
+        self.vllm = _VllmGenerator(cfg) if cfg.generation.backend == "vllm" and rollouts else None
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int = 0,
+                 greedy: bool = False) -> list[list[int]]:
+        """n completions per prompt (grouped), each cut after its first EOS (kept)."""
+        g = self.cfg.generation
+        max_new = max_new_tokens or g.max_new_tokens
+        model = self.model_fn()
+        if self.vllm is not None and not greedy and max_new == g.max_new_tokens:
+            return self.vllm.generate(model, prompts, n)
+        was_training = model.training
+        model.eval()
+        from scale.data import collate as pad
+
+        b = pad([{"input_ids": p} for p in prompts], self.tok.pad_token_id, left=True)
+        ids, mask = b["input_ids"].to(self.acc.device), b["attention_mask"].to(self.acc.device)
+        if g.backend == "ptlab" and not greedy:
+            from scale.sampling import generate_ids
+
+            new = generate_ids(model, ids, mask, n, max_new, self.tok.eos_token_id, self.tok.pad_token_id,
+                               temperature=g.temperature, top_p=g.top_p)
+        else:
+            sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if greedy else \
+                {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k}
+            new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                                 num_return_sequences=n, pad_token_id=self.tok.pad_token_id,
+                                 eos_token_id=self.tok.eos_token_id, **sampling)[:, ids.shape[1]:]
+        model.train(was_training)
+        return [self._cut(row) for row in new.tolist()]
+
+    def _cut(self, row: list[int]) -> list[int]:
+        eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        else:
+            while row and row[-1] == pad:
+                row.pop()
+        return row if row else [eos]
+
+
+class _VllmGenerator:
+    """Generation with vLLM where it is installed (weights pushed from the trainer before each batch).
+
+    Not testable on this CPU-only machine; the import is guarded and the weight push uses vLLM's
+    `load_weights` on the driver worker's model, which moves between vLLM versions.
+    """
+
+    def __init__(self, cfg: Config):
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise ValueError("generation.backend: 'vllm' is not installed (pip install vllm), use 'hf'") from None
+        self.cfg, self.SamplingParams = cfg, SamplingParams
+        self.llm = LLM(model=cfg.model.path, gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
+                       enable_prefix_caching=True)
+
+    def generate(self, model, prompts, n):
+        g = self.cfg.generation
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        runner.model.load_weights(model.state_dict().items())
+        sp = self.SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k or -1,
+                                 max_tokens=g.max_new_tokens)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return [list(o.token_ids) for out in outs for o in out.outputs]

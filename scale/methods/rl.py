@@ -1,0 +1,119 @@
+"""RL with verifiable rewards: n sampled completions per prompt, graded by the reward function, with
+advantages and the policy-gradient loss of a `theory.estimator` preset (`method.rl.estimator`: grpo,
+dr_grpo, dapo, gspo, ...). Several updates per generation batch (PPO mini-batches and epochs) reuse the
+batch with its old log-probs. HPT and LUFFY / SRFT (`hpt.py`, `luffy.py`) are this method plus
+demonstrations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scale.loss import Row, Terms, rl_estimator
+from scale.methods import Method, register
+
+
+def rl_preset(cfg, name: str):
+    """The estimator preset `name` with method.rl.estimator_options, in the trainer's aggregation
+    (`scale.loss.rl_estimator`); errors name the config key."""
+    from theory.estimator import PRESETS
+
+    if name not in PRESETS:
+        raise ValueError(f"method.rl.estimator: unknown preset {name!r}; valid: {sorted(PRESETS)}")
+    try:
+        return rl_estimator(name, cfg.method.rl.estimator_options, cfg.generation.max_new_tokens)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"method.rl.estimator_options (preset {name!r}): {e}") from None
+
+
+def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, with_demo: bool = False) -> list[Row]:
+    """Per prompt, its sampled completions (n, or n - 1 and its demonstration when `with_demo`) as `rl` /
+    `demo` rows with rewards and advantages over the GLOBAL groups; reward, accuracy and length of the
+    samples go into `info`."""
+    n = tr.cfg.generation.n
+    n_gen = n - 1 if with_demo else n
+    comps = tr.generate([e["prompt_ids"] for e in exs], n_gen)
+    texts = tr.tok.batch_decode(comps, skip_special_tokens=True)
+    answers = [e["answer"] for e in exs for _ in range(n_gen)]
+    rewards = tr.rewards(texts, answers, [i for i in idx for _ in range(n_gen)], f"step {step + 1}")
+    rows: list[Row] = []
+    for q, e in enumerate(exs):
+        for k in range(n_gen):
+            c = comps[q * n_gen + k]
+            rows.append(Row(e["prompt_ids"] + c, len(e["prompt_ids"]), "rl",
+                            meta={"group": q, "reward": rewards[q * n_gen + k]}))
+        if with_demo:
+            t = e["completion"]
+            demo_text = tr.tok.decode(t["input_ids"][t["prompt_len"]:], skip_special_tokens=True)
+            rd = tr.rewards([demo_text], [e["answer"]], [idx[q]], f"step {step + 1}")[0]
+            rows.append(Row(list(t["input_ids"]), t["prompt_len"], "demo",
+                            meta={"group": q, "reward": rd, "offline": True}))
+    acc = tr.acc
+    R_all = acc.gather(torch.tensor([rw.meta["reward"] for rw in rows], dtype=torch.float64, device=acc.device))
+    A_all = tr.terms.rl.advantages(R_all.cpu(), group_size=n)
+    lo = acc.process_index * len(rows)
+    for rw, a in zip(rows, A_all[lo:lo + len(rows)].tolist()):
+        rw.advantage = a
+    on = torch.tensor([rw.meta["reward"] for rw in rows if rw.kind == "rl"], dtype=torch.float64)
+    lens = torch.tensor([float(rw.n_scored) for rw in rows if rw.kind == "rl"], dtype=torch.float64)
+    s = acc.reduce(torch.stack([on.sum(), (on > 0.5).double().sum(), lens.sum(),
+                                torch.tensor(float(len(on)), dtype=torch.float64)]).to(acc.device), "sum")
+    info.update(reward=float(s[0] / s[3]), accuracy=float(s[1] / s[3]), response_length=float(s[2] / s[3]))
+    return rows
+
+
+@register("rl")
+class RL(Method):
+    data = "rl"
+    rollouts = True
+    with_demo = False     # LUFFY / SRFT: the demonstration joins its prompt's group
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.generation.n < 2:
+            raise ValueError(f"generation.n: method {cfg.method.name!r} needs at least 2 samples per prompt, "
+                             f"got {cfg.generation.n}")
+
+    def preset(self) -> str:
+        return self.cfg.method.rl.estimator
+
+    def needs_reference(self) -> bool:
+        return self.cfg.method.rl.kl_coef > 0
+
+    def terms(self, tr) -> Terms:
+        o = self.cfg.method.rl
+        return Terms(rl=rl_preset(self.cfg, self.preset()), entropy_coef=o.entropy_coef, kl_coef=o.kl_coef)
+
+    def updates_per_step(self) -> int:
+        return self.cfg.method.rl.mini_batches * self.cfg.method.rl.epochs
+
+    def rows(self, tr, step, info):
+        idx = tr.local_indices(step, len(tr.data), self.cfg.run.batch_size)
+        exs = [tr.data[i] for i in idx]
+        rows = self.select(tr, rollout_rows(tr, exs, idx, step, info, self.with_demo), exs, info)
+        if tr.terms.kl_coef:
+            for rw, lp in zip(rows, tr.reference.token_logps(rows)):
+                rw.ref_token_logp = lp.tolist()
+        return rows
+
+    def select(self, tr, rows: list[Row], exs: list[dict], info: dict) -> list[Row]:
+        """The rows that train (HPT's gate overrides this); all of them here."""
+        return rows
+
+    def extra_norms(self, prompts: int, tr) -> dict | None:
+        """Normalisers the global row counts do not give (HPT paper's), for `prompts` per process."""
+        return None
+
+    def update(self, tr, rows, info):
+        per = self.cfg.run.batch_size // tr.P
+        if self.updates_per_step() == 1:
+            return tr.update(rows, self.extra_norms(per, tr))
+        tr.fill_old_logps(rows)   # several updates on one generation batch: mini-batches of prompts
+        k = self.cfg.method.rl.mini_batches
+        per //= k
+        metrics = {}
+        for _ in range(self.cfg.method.rl.epochs):
+            for j in range(k):
+                sub = [rw for rw in rows if j * per <= rw.meta["group"] < (j + 1) * per]
+                metrics = tr.update(sub, self.extra_norms(per, tr))
+        return metrics

@@ -1,0 +1,47 @@
+"""The reference policy's log-probs: a frozen copy of the initial model, `model.ref_path`, or (LoRA) the
+policy with its adapter disabled. DPO needs sequence log-probs of its pairs (computed per batch, or once
+for the whole set with `method.dpo.precompute_ref`), the KL term per-token log-probs of the rollouts."""
+
+from __future__ import annotations
+
+import torch
+
+from scale.loss import collate
+
+
+class Reference:
+    def __init__(self, tr, model):
+        """`model`: a frozen `scale.logprobs.Policy`, or None to disable the policy's LoRA adapter."""
+        self.tr, self.model = tr, model
+
+    @torch.no_grad()
+    def token_logps(self, rows) -> list[torch.Tensor]:
+        """Per-row token log-probs [T_i] of the scored tokens (float64, on the CPU)."""
+        tr, out = self.tr, []
+        r = tr.cfg.run
+        B = max(1, r.batch_size // tr.P // r.grad_accum) * 2
+        temp = tr.method.logprob_temperature
+        for s in range(0, len(rows), B):
+            chunk = rows[s:s + B]
+            mb = collate(chunk, tr.tok.pad_token_id, tr.acc.device)
+            args = (mb["input_ids"], mb["attention_mask"], mb["score_mask"], temp, False)
+            if self.model is None:
+                with tr._model().disable_adapter():
+                    lp, _ = tr.acc.unwrap_model(tr.policy)(*args)
+            else:
+                lp, _ = self.model(*args)
+            out += [lp[i, rw.prompt_len:len(rw.input_ids)].double().cpu() for i, rw in enumerate(chunk)]
+        return out
+
+    def fill_sequence_logps(self, rows) -> None:
+        for rw, lp in zip(rows, self.token_logps(rows)):
+            rw.ref_logp = float(lp.sum())
+
+    def precompute(self, pref: list[dict]) -> None:
+        """Store each pair's reference log-probs in the examples, then free the reference model."""
+        from scale.methods.dpo import pair_rows
+
+        for i in range(len(pref)):
+            rows = pair_rows(self.tr, [i], data=pref)
+            pref[i]["ref_chosen_logp"], pref[i]["ref_rejected_logp"] = rows[0].ref_logp, rows[1].ref_logp
+        self.model = None

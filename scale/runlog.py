@@ -1,0 +1,48 @@
+"""What a run writes as it goes: metrics.jsonl (one line per logged step), TensorBoard when installed,
+and the progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class Logger:
+    def __init__(self, out: Path, main: bool, tensorboard: bool, start_step: int):
+        self.main, self.tb = main, None
+        self.path = out / "metrics.jsonl"
+        if not main:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # a resumed run drops the lines past its checkpoint
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except Exception:  # tensorboard not installed
+                self.tb = None
+
+    def log(self, metrics: dict):
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, metrics["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def progress(total, start, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="ptlab train", dynamic_ncols=True)
