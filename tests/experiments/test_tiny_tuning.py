@@ -31,10 +31,13 @@ def test_choose_follows_the_rule():
     }}
     assert choose(rep) == {c: {"run.lr": lr} for c, lr in
                            {"dpo": 5e-4, "grpo": 2e-4, "luffy": 2e-4, "mix": 2e-4, "srft": 2e-4}.items()}  # + SHARED
+
+    def knobbed(lr, lam, f_sft, f_dpo):
+        v = _variant("alright", lr, {F_SFT: f_sft, F_DPO: f_dpo})
+        return {**v, "point": {"run.lr": lr, "method.joint.lam": lam}}
+
     knob = {"variants": {   # round 2: a tie on the score goes to the smaller rate, then the smaller knob
-        "a": {**_variant("alright", 1e-4, {F_SFT: 0.3, F_DPO: 0.5}), "point": {"run.lr": 1e-4, "method.joint.lam": 0.5}},
-        "b": {**_variant("alright", 1e-4, {F_SFT: 0.5, F_DPO: 0.3}), "point": {"run.lr": 1e-4, "method.joint.lam": 0.25}},
-        "c": {**_variant("alright", 5e-5, {F_SFT: 0.5, F_DPO: 0.4}), "point": {"run.lr": 5e-5, "method.joint.lam": 0.25}}}}
+        "a": knobbed(1e-4, 0.5, 0.3, 0.5), "b": knobbed(1e-4, 0.25, 0.5, 0.3), "c": knobbed(5e-5, 0.25, 0.5, 0.4)}}
     assert choose(knob) == {"alright": {"run.lr": 1e-4, "method.joint.lam": 0.25}}
     assert set(LR_GRID) == set(PRIMARY)
 
