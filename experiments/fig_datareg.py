@@ -1,4 +1,4 @@
-"""Figure: the Dr. Post-Training SFT setting (drpt.md 1.6) on the tiny model, with scale.datareg's rules.
+"""Figure: the Dr. Post-Training SFT setting (docs/drpt.md section 1.6) on the tiny model, with scale.datareg's rules.
 
 General pool: toy.tasks general.jsonl (levels 1-4: additions, a*b+c, a*b-c); target task: target.jsonl
 (level 5, two-digit subtraction, which the pool never shows as such). Model: the cached pretrained tiny base
@@ -141,7 +141,7 @@ def build(out: Path, seeds=(0, 1), steps: int = 400, eval_every: int = 20) -> Fi
                f"{steps} steps")
     caption = ("Held-out target perplexity against steps for the four update rules of the paper's SFT setting on "
                "the tiny model (general arithmetic pool -> subtraction, n=8, k=4, one target example per step). "
-               "The paper (Llama-3.2-1B, drpt.md 1.6) finds Layer-Wise Subset lowest, Global Subset next, "
+               "The paper (Llama-3.2-1B, docs/drpt.md section 1.6) finds Layer-Wise Subset lowest, Global Subset next, "
                "Full-Training highest among the pool-based rules, and Target-only dropping first then rising "
                "(overfitting its 16 examples). Here: " + finding + ". Target-only is the same run for every seed "
                "(the same 16 examples in the same order from the same base; seeds change only the general-pool "
@@ -151,7 +151,7 @@ def build(out: Path, seeds=(0, 1), steps: int = 400, eval_every: int = 20) -> Fi
 
 
 @figure("datareg_sft",
-        reproduces="Dr. Post-Training SFT eval-perplexity curves (drpt.md 1.6): Layer-Wise Subset < Global Subset "
-                   "< Full-Training; Target-only overfits")
+        reproduces="Dr. Post-Training SFT eval-perplexity curves (docs/drpt.md section 1.6): Layer-Wise Subset "
+                   "< Global Subset < Full-Training; Target-only overfits")
 def fig_datareg_sft(out: Path) -> FigureResult:
     return build(out)

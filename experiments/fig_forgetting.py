@@ -1,7 +1,7 @@
 """XRIGHT's convex picture, computed exactly on log-linear instances (theory/forgetting.py).
 
 Three figures: the toy contour plot with the trajectories of every schedule (the paper's lost Fig. 2,
-rebuilt on the instance of reference/xright.md s4), the trade-off plane and gap bars in the layout of
+rebuilt on the instance of docs/xright.md section 4), the trade-off plane and gap bars in the layout of
 the paper's Pythia-1b figure, and the sequential lower bound (theory/README.md s3, Thm 1) against the
 realised gap as the split varies. Everything is full-batch and exact, so each figure takes seconds.
 """
@@ -83,7 +83,7 @@ def forgetting_toy(out: Path) -> FigureResult:
                f"{gaps['Sequential DPO->SFT']:.3f}, Mix {gaps['Mix']:.1e}, ALRIGHT (tail average) "
                f"{gaps['ALRIGHT']:.1e}, MAXRIGHT {gaps['MAXRIGHT']:.1e} (its Chebyshev point's gap {c_gap:.1e}, "
                f"distance to it {np.linalg.norm(runs['MAXRIGHT'].theta - th_c):.1e}).")
-    caption = ("Contours of f_mix = 0.5 f_DPO + 0.5 f_SFT on the 2-D log-linear toy (reference/xright.md s4, ours: "
+    caption = ("Contours of f_mix = 0.5 f_DPO + 0.5 f_SFT on the 2-D log-linear toy (docs/xright.md section 4, ours: "
                "SFT target (0.2, 0.7, 0.1), DPO pairs from a Bradley-Terry reward (2, 0, 1), beta = 1) with the "
                "trajectories from (-2, -2): Sequential in both orders (half the 4000 steps each, step 0.5), "
                "Mix (step 0.5), ALRIGHT and exact MAXRIGHT (step 0.5/sqrt(1+t/100)). Sequential ends at the "
@@ -170,7 +170,8 @@ def forgetting_tradeoff(out: Path) -> FigureResult:
                "0.3 for all methods, MAXRIGHT with values refreshed every k = 10 steps (released code); exact "
                "Pareto front and ideal point (star). Bottom: final DPO gap, SFT gap, Euclidean distance to the "
                "ideal point, and the cost in gradient evaluations relative to Sequential (our analogue of the "
-               "runtime bars; Mix pays two per step). Compare the shape, not the values, with xright.md s5.4.")
+               "runtime bars; Mix pays two per step). Compare the shape, not the values, with "
+               "docs/xright.md section 5.4.")
     return FigureResult(["forgetting_tradeoff.png"], caption, held, finding,
                         {m: {k: [float(v) for v in vals] for k, vals in d.items()} for m, d in res.items()})
 

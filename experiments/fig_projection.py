@@ -1,5 +1,5 @@
 """Dr. Post-Training figures in the toy world (toy/datareg.py): the bias-variance spectrum of the update
-rules, and target loss against steps (the shape of the paper's SFT perplexity curves, drpt.md 1.6)."""
+rules, and target loss against steps (the shape of the paper's SFT perplexity curves, docs/drpt.md section 1.6)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def build_spectrum(out: Path) -> FigureResult:
 
 
 CURVE_RULES = ["Target-only", "Full-Training", "Global Subset", "Layer-Wise Subset", "Cone projection"]
-SEEDS = (0, 1, 2, 3, 4)  # five seeds, as in the paper (drpt.md 1.6)
+SEEDS = (0, 1, 2, 3, 4)  # five seeds, as in the paper (docs/drpt.md section 1.6)
 K, M = 4, 4  # k = 4 of n = 8 general examples (the released code); m = 4 target examples per step
 
 
@@ -151,8 +151,8 @@ COLORS = {"Target-only": "C7", "Full-Training": "k", "Global Subset": "C2", "Lay
 
 
 @figure("projection_target_loss",
-        reproduces="Dr. Post-Training SFT perplexity curves (drpt.md 1.6): on held-out target data Target-only "
-                   "overfits (final/min well above 1), Full-Training is biased (plateaus above the subset "
+        reproduces="Dr. Post-Training SFT perplexity curves (docs/drpt.md section 1.6): on held-out target data "
+                   "Target-only overfits (final/min well above 1), Full-Training is biased (plateaus above the subset "
                    "rules), Global and Layer-Wise Subset beat both, Layer-Wise best")
 def build_curves(out: Path, steps: int = 2000, seeds: tuple = SEEDS) -> FigureResult:
     res = curves(steps=steps, seeds=seeds)

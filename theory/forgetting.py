@@ -1,6 +1,6 @@
 """Forgetting between SFT and DPO on the log-linear policy class, computed exactly (float64).
 
-The model (reference/xright.md s1.2): pi_theta(y | x) = softmax_y(theta . phi[x, y]), features phi [X, Y, d].
+The model (docs/xright.md section 1.2): pi_theta(y | x) = softmax_y(theta . phi[x, y]), features phi [X, Y, d].
 
     f_sft(theta) = sum_{x,y} S[x,y] * (-log pi_theta(y|x))
     f_dpo(theta) = sum_{x,w,l} P[x,w,l] * softplus(-m),   m = beta * (theta - theta_ref) . (phi[x,w] - phi[x,l])
@@ -412,7 +412,7 @@ class LogLinearProblem:
 
 # ---- instances -------------------------------------------------------------------------------------
 def toy_problem() -> LogLinearProblem:
-    """The 2-D instance of reference/xright.md s4 [ours, not the paper's]: one prompt, three responses,
+    """The 2-D instance of docs/xright.md section 4 [ours, not the paper's]: one prompt, three responses,
     phi = (1,0), (0,1), (0,0); SFT target (0.2, 0.7, 0.1); DPO on all ordered pairs weighted by
     Bradley-Terry probabilities of the reward r = (2, 0, 1); beta = 1, theta_ref = 0. SFT favours y2 and
     DPO y1: theta*_sft = (log 2, log 7), theta*_dpo = (1, -1)."""

@@ -51,7 +51,8 @@ _DT = torch.float64
 
 @dataclass(frozen=True)
 class GateRule:
-    """HPT's switch (hpt.md 4.1, 6.1): with c correct rollouts out of G, train SFT on the demonstration iff
+    """HPT's switch (docs/hpt.md sections 4.1, 6.1): with c correct rollouts out of G, train SFT on the
+    demonstration iff
 
     - variant `paper`: c / G <= threshold (gamma in [0, 1]; gamma = 0: SFT only when all rollouts fail);
     - variant `code`:  c <= threshold (`switch_gate`, an integer count).

@@ -1,6 +1,6 @@
 """Feasible sets of update directions, exact Euclidean projections onto them, and linear maximisation.
 
-Dr. Post-Training (``shared/reference/drpt.md``) builds, each step, a feasible set of update directions
+Dr. Post-Training (``docs/drpt.md``) builds, each step, a feasible set of update directions
 from the per-sample gradients of a general minibatch, ``G`` (shape ``[n, d]``), and maps the target
 gradient ``g`` (shape ``[d]``) into it. Two maps are offered:
 
@@ -550,7 +550,7 @@ class SubsetAverages(_RowsSet):
     """The finite set {sum_{i in S} w_i g_i / sum_{i in S} w_i : S subset of rows, |S| = k}.
 
     ``weights`` are per-row token counts T_i with rows g_i = the token-mean gradient of sample i alone;
-    then the member for S is exactly the gradient of a forward/backward pass on S alone (drpt.md 1.3).
+    then the member for S is exactly the gradient of a forward/backward pass on S alone (docs/drpt.md section 1.3).
     With weights None every row counts once. k = n gives the general mean (Full-Training).
 
     lmo: the exact argmax of <g, .> over the set. Unweighted, it is the top-k of the scores <g_i, g>.

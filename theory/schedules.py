@@ -5,8 +5,8 @@ scale trainer. Every schedule answers
 
     weights(step, stats=None) -> dict[str, float]        # objective name -> weight for this step
 
-with objective names "sft" and "dpo" for the SFT/DPO trade-off (XRIGHT, `reference/xright.md`) and
-"rl" and "sft" for the HPT gate (`reference/hpt.md` section 4). A weight of 0 means the objective is
+with objective names "sft" and "dpo" for the SFT/DPO trade-off (XRIGHT, `docs/xright.md`) and
+"rl" and "sft" for the HPT gate (`docs/hpt.md` section 4). A weight of 0 means the objective is
 not evaluated at all this step, so `cost(weights)` (the number of non-zero weights) is the number of
 gradient evaluations the step pays: Mix pays two, the others one.
 
@@ -271,7 +271,7 @@ class HptGate:
       beta falls with P, as the paper asks of f and g, and it tends to the switch as temperature -> 0
       (except exactly at P = gamma, where it gives 1/2 each).
 
-    Paper vs released code (hpt.md s6.1, s6.6): the code compares the integer count of correct rollouts,
+    Paper vs released code (docs/hpt.md sections 6.1, 6.6): the code compares the integer count of correct rollouts,
     `on_solve_num <= switch_gate`, and sends the prompt to SFT (one demo row) or RL (its n rollouts).
     With P = c / n this is P <= switch_gate / n, i.e. gamma = switch_gate / n: Qwen switch_gate=0 (gamma 0),
     LLaMA switch_gate=2 with n=8 (gamma 2/8). `HptGate.from_code(switch_gate, n)` builds that gate and
