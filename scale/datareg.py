@@ -1,4 +1,4 @@
-"""Data-regularised updates (Dr. Post-Training, ``shared/reference/drpt.md`` 1.3-1.5) inside one backward pass.
+"""Data-regularised updates (Dr. Post-Training, ``docs/drpt.md`` sections 1.3-1.5) inside one backward pass.
 
 Each step the general micro-batch's per-sample gradients g_i and a target gradient g_T define an update:
 per group Q of hooked layers (a layer, a decoder block, a custom list of layers, or all of them), the
@@ -13,7 +13,7 @@ included, each its own layer; the output embedding excluded, its input is not pe
 its forward is an autograd Function whose backward sees the layer input x [B, T, I] and the output
 gradient delta [B, T, O]. The per-sample weight gradient is g_i = delta_i^T x_i (a sum over tokens), and
 its score against the target's G_T = sum_v delta_v^T x_v (v over the target tokens) takes one of three forms
-(proofs: theory/README.md section 5; names as drpt.md 1.5):
+(proofs: theory/README.md section 5; names as docs/drpt.md section 1.5):
 
     matrix   (PIP)    r_i = sum_t delta_{i,t}^T G_T x_{i,t}                      O*I per token
     ghost    (GIP)    r_i = sum_t sum_v (delta_{i,t} . delta_v)(x_{i,t} . x_v)   V*(I+O) per token
@@ -262,11 +262,11 @@ class DataReg:
         reuses the target captured by the previous call (target_only: adds no target gradient again), so the
         target is computed once per optimizer step; sync=False leaves the cross-process sum to a later call.
 
-        Merged target batch (drpt.md 1.5): merged=m > 0 and target_loss=None; general_loss(None) then runs ONE
-        forward over this process's general rows followed by the m target rows and returns the general loss
-        plus the target loss (each with its own normaliser). Rows do not interact, so each hooked layer reads
-        the target's factors off the last m rows of the same backward; un-hooked modules (norms, embeddings)
-        run the target rows on detached parameters, so they keep the general rows' gradient only.
+        Merged target batch (docs/drpt.md section 1.5): merged=m > 0 and target_loss=None; general_loss(None) then
+        runs ONE forward over this process's general rows followed by the m target rows and returns the general loss
+        plus the target loss (each with its own normaliser). Rows do not interact, so each hooked layer reads the
+        target's factors off the last m rows of the same backward; un-hooked modules (norms, embeddings) run the
+        target rows on detached parameters, so they keep the general rows' gradient only.
         """
         cfg = self.cfg
         ctx = no_sync or contextlib.nullcontext
@@ -386,9 +386,9 @@ class DataReg:
         self.tc[i], self.tb[i], self.scoring[i] = (pos, rows), None, "embedding"
 
     def _method(self, O: int, I: int, V: int | None) -> str:
-        """The cheapest allowed scoring form by FLOPs per general token (drpt.md 1.5): ghost V*(I+O) (V target
-        tokens), matrix O*I, sketched I*r + O*r + r*r (a side <= r uses the identity). ghost and matrix
-        are exact; the projection rule needs the explicit G_T (matrix)."""
+        """The cheapest allowed scoring form by FLOPs per general token (docs/drpt.md section 1.5): ghost
+        V*(I+O) (V target tokens), matrix O*I, sketched I*r + O*r + r*r (a side <= r uses the identity). ghost
+        and matrix are exact; the projection rule needs the explicit G_T (matrix)."""
         if self.cfg.update_rule == "projection":
             return "matrix"
         r = self.cfg.sketch_rank

@@ -15,7 +15,7 @@ Every term is normalised by GLOBAL counts (all micro-batches of the optimizer st
 passed to the estimator as `num_items` / `num_seqs`. The micro-batch loss is the micro-batch's share of
 the global loss, so the sum over micro-batches and processes is the global loss whatever the split; the
 trainer multiplies it by (accumulation steps x processes) to cancel accelerate's division by the
-accumulation steps and DDP's mean over processes (ecosystem.md section 7).
+accumulation steps and DDP's mean over processes (docs/ecosystem.md section 7).
 """
 
 from __future__ import annotations
