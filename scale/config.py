@@ -86,7 +86,8 @@ class DpoOptions:
 class RlOptions:
     estimator: str = "grpo"           # any theory.estimator preset
     estimator_options: dict[str, Any] = field(default_factory=dict)
-    reward: str = "math"              # math | exact | module:function
+    reward: str | list[str] = "math"  # math | exact | module:function, or a list of them (summed with weights)
+    reward_weights: list[float] = field(default_factory=list)   # one per reward (TRL's); [] = all 1
     entropy_coef: float = 0.0         # loss -= entropy_coef * (global token-mean entropy)
     kl_coef: float = 0.0              # k3 KL to the reference model, global token mean
     mini_batches: int = 1             # optimizer steps per generation batch (PPO mini-batches)
@@ -240,7 +241,7 @@ class EvalConfig:
     greedy: bool = True               # also greedy accuracy (one decode per prompt)
     max_new_tokens: int = 0           # 0: generation.max_new_tokens
     batch_size: int = 64              # prompts per generate call / rows per forward
-    reward: str = ""                  # "" = method.rl.reward
+    reward: str = ""                  # "" = method.rl.reward (and its reward_weights)
     records: bool = True              # per-prompt correct counts to eval_records.jsonl
 
     def validate(self) -> EvalConfig:
@@ -307,6 +308,7 @@ RANGES: dict[type, dict[str, Range]] = {
                        "max_new_tokens": AT_LEAST_1, "vllm_gpu_memory_utilization": FRACTION},
     DpoOptions: {"beta": POSITIVE},
     RlOptions: {"entropy_coef": FINITE,   # negative: an entropy penalty
+                "reward_weights": FINITE,   # negative: a penalty
                 "kl_coef": NON_NEGATIVE, "mini_batches": AT_LEAST_1, "epochs": AT_LEAST_1},
     HptOptions: {"gamma": UNIT, "switch_gate": Range(-1), "gate_temperature": POSITIVE, "sft_coef": NON_NEGATIVE},
     JointOptions: {"lam": UNIT, "split": UNIT, "f_star_sft": FINITE, "f_star_dpo": FINITE, "k": AT_LEAST_1,

@@ -184,6 +184,9 @@ def require_columns(ds, kind: str, source: str | None = None, who: str | None = 
 
 
 TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected", "answer", "messages")
+# columns a reward function does not get among the data's other columns: the text the trainer uses itself
+# (`answer` arrives as text on its own), and the keywords of the call (`scale.rewards.CALL_KEYS`)
+OWN_COLUMNS = (*TEXT_COLUMNS, "prompts", "completions", "completion_ids", "trainer_state")
 
 
 def check_text_columns(ds, source: str) -> None:
@@ -292,11 +295,12 @@ def _dotted(ex: dict, key: str):
 
 def prepare_data(path: str, cfg, tokenizer, kind: str, context: int, limit: int | None = None,
                  columns: dict | None = None, keep: tuple[str, ...] = (), max_new_tokens: int = 0,
-                 who: str | None = None) -> list[dict]:
+                 who: str | None = None, other_columns: bool = False) -> list[dict]:
     """Load, map columns, check columns (of data kind `kind`, for `who`) / emptiness / lengths, tokenise.
     Returns one dict per example (with the columns named in `keep` copied where present, e.g. an
     evaluation set's id and level). With `max_new_tokens` > 0 (data that is sampled from), every prompt
-    plus that many new tokens must fit the model's context."""
+    plus that many new tokens must fit the model's context. With `other_columns`, each example also has
+    "columns": the data's columns other than `OWN_COLUMNS`, as they are (what reward functions get, as in TRL)."""
     d = cfg.data
     ds = load_data(path, d.split if d.split else None)
     columns = d.columns if columns is None else columns
@@ -323,6 +327,9 @@ def prepare_data(path: str, cfg, tokenizer, kind: str, context: int, limit: int 
     max_len = min(d.max_length, context)
     out = [{"prompt": p, "answer": str(r.get("answer", "")), **{k: r[k] for k in keep if r.get(k) is not None}}
            for p, r in zip(prompts, rows)]
+    if other_columns:
+        for o, r in zip(out, rows):
+            o["columns"] = {k: v for k, v in r.items() if k not in OWN_COLUMNS}
     cols = COMPLETION_COLUMNS[kind]
     try:
         if not cols:

@@ -13,8 +13,10 @@ for example `{"id": "q1", "prompt": "What is 3 + 4?\\n", "answer": "7"}`. With `
 (`--chat-template`) text prompts are wrapped as one user message and rendered with the chat template.
 
 For each prompt n completions are sampled (temperature, top_p, max_new_tokens; temperature 0 is
-greedy) and graded by the reward (`scale.rewards.load_reward`: "math", "exact" or "module:function");
-a completion is correct when its reward is at least `threshold` (0.5). With c correct of n,
+greedy) and graded by the reward (`scale.rewards.load_rewards`: "math", "exact", "module:function" or a
+list of them, called as TRL calls reward functions: with the prompt, the row's other columns and the
+completions' token ids, re-tokenised from the text); a completion is correct when its reward is at least
+`threshold` (0.5). With c correct of n,
 
     pass@k = 1 - C(n - c, k) / C(n, k)     (the unbiased estimator of Chen et al. 2021, for k <= n)
     avg@n  = c / n
@@ -50,12 +52,25 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def grade(rows: list[dict], completions: list[list[str]], reward_fn, n: int,
-          threshold: float = 0.5) -> list[dict]:
+          threshold: float = 0.5, completion_ids: list[list[list[int]]] | None = None,
+          trainer_state=None) -> list[dict]:
     """Grade n completions per row -> per_prompt [{"id", "n", "correct", "rewards", and the row's "level" /
-    "role" when it has them}]."""
+    "role" when it has them}]. `reward_fn`: a `scale.rewards.Rewards` or what `load_rewards` takes; it gets
+    the row's "answer", "prompt" and other "columns" (when the row has them), and the completions' token ids
+    (`completion_ids`, one list per row) when given. A reward that fails names the row's id."""
+    from scale.rewards import RewardError, load_rewards
+
+    reward_fn = load_rewards(reward_fn)
     per_prompt = []
-    for r, comps in zip(rows, completions):
-        rewards = [float(x) for x in reward_fn(comps, [r["answer"]] * len(comps))]
+    for j, (r, comps) in enumerate(zip(rows, completions)):
+        k = len(comps)
+        try:
+            rewards = reward_fn(comps, [r["answer"]] * k, prompts=[r.get("prompt", "")] * k,
+                                completion_ids=None if completion_ids is None else completion_ids[j],
+                                columns={c: [v] * k for c, v in r.get("columns", {}).items()},
+                                trainer_state=trainer_state)
+        except RewardError as e:
+            raise ValueError(f"{e} [prompt {r['id']!r}]") from e
         p = {"id": r["id"], "n": n, "correct": sum(x >= threshold for x in rewards), "rewards": rewards}
         per_prompt.append({**p, **{k: r[k] for k in GROUPS if k in r}})
     return per_prompt
@@ -83,8 +98,9 @@ def metrics_of(per_prompt: list[dict], n: int, ks: list[int]) -> dict[str, float
 
 
 def load_benchmark(path: str | Path, tokenizer, chat_template: bool = False, limit: int | None = None) -> list[dict]:
-    """Rows {"id", "prompt" (text), "answer"} from a benchmark file (format in the module docstring)."""
-    from scale.data import load_data, render_prompt, require_columns
+    """Rows {"id", "prompt" (text), "answer", "columns" (the file's other columns, for the reward)} from a
+    benchmark file (format in the module docstring)."""
+    from scale.data import OWN_COLUMNS, load_data, render_prompt, require_columns
 
     ds = load_data(path)
     require_columns(ds, "eval", source=str(path))
@@ -101,6 +117,7 @@ def load_benchmark(path: str | Path, tokenizer, chat_template: bool = False, lim
         row = {"id": i if ex.get("id") is None else ex["id"], "prompt": render_prompt(prompt, tokenizer),
                "answer": str(ex["answer"])}
         row.update({k: ex[k] for k in GROUPS if ex.get(k) is not None})  # optional: metrics also per group
+        row["columns"] = {k: v for k, v in ex.items() if k not in OWN_COLUMNS}
         rows.append(row)
     return rows
 
@@ -173,27 +190,30 @@ def evaluate(model, data: str | Path, *, tokenizer=None, n: int = 1, ks: list[in
     """
     import torch
 
-    from scale.rewards import load_reward
+    from scale.rewards import load_rewards
 
     ks = sorted(set(ks or [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]))
     if any(not 1 <= k <= n for k in ks):
         raise ValueError(f"ks: expected values in 1..n={n}, got {ks}")
-    reward_fn = load_reward(reward)
+    reward_fn = load_rewards(reward, key="reward")
     model, tokenizer = _load_model(model, tokenizer)
     rows = load_benchmark(data, tokenizer, chat_template=chat_template, limit=limit)
+    if rows:
+        reward_fn.check(rows[0]["columns"])
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     completions = generate(model, tokenizer, [r["prompt"] for r in rows], n=n, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, top_k=top_k)
-    per_prompt = grade(rows, completions, reward_fn, n, threshold)
+    ids = [tokenizer(comps, add_special_tokens=False)["input_ids"] for comps in completions]
+    per_prompt = grade(rows, completions, reward_fn, n, threshold, completion_ids=ids)
     metrics = metrics_of(per_prompt, n, ks)
-    sample_rows = [{**r, "completions": comps, "rewards": p["rewards"]}
+    sample_rows = [{**{k: v for k, v in r.items() if k != "columns"}, "completions": comps, "rewards": p["rewards"]}
                    for r, comps, p in zip(rows, completions, per_prompt)]
     for p in per_prompt:
         del p["rewards"]
     results = {"model": str(getattr(model, "name_or_path", "")), "data": str(data), "num_prompts": len(rows),
                "n": n, "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
-               "reward": reward if isinstance(reward, str) else getattr(reward, "__name__", "custom"),
+               "reward": reward if isinstance(reward, str) else reward_fn.__name__,
                "threshold": threshold, "seed": seed, "seconds": time.perf_counter() - t0,
                "metrics": metrics, "per_prompt": per_prompt}
     if out is not None:

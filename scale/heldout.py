@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +44,19 @@ class HeldOut:
             kind = {"generate": "rl", "sft": "sft", "dpo": "dpo"}[s.kind]
             max_new = self.cfg.max_new_tokens or trainer.cfg.generation.max_new_tokens
             data = prepare_data(s.path, trainer.cfg, trainer.tok, kind, context, limit=s.limit, columns={},
-                                keep=("id", *GROUPS), max_new_tokens=max_new if s.kind == "generate" else 0)
+                                keep=("id", *GROUPS), max_new_tokens=max_new if s.kind == "generate" else 0,
+                                other_columns=s.kind == "generate")   # the reward functions get them
             self.sets.append((s, data))
         self.reward_fn = None
         if any(s.kind == "generate" for s in self.cfg.sets):
-            from scale.rewards import load_reward
+            from scale.rewards import load_rewards
 
-            self.reward_fn = load_reward(self.cfg.reward or trainer.cfg.method.rl.reward)
+            rl = trainer.cfg.method.rl
+            self.reward_fn = load_rewards(self.cfg.reward, key="eval.reward") if self.cfg.reward else \
+                load_rewards(rl.reward, rl.reward_weights, "method.rl.reward")
+            for s, data in self.sets:  # each function's signature against the set's columns, before the model
+                if s.kind == "generate":
+                    self.reward_fn.check(data[0].get("columns", {}))
 
     def due(self, step: int, last: int) -> bool:
         if not self.sets:
@@ -90,12 +97,17 @@ class HeldOut:
             sampled = t.generate(prompts, c.n, max_new_tokens=max_new)
             greedy = t.generate(prompts, 1, max_new_tokens=max_new, greedy=True) if c.greedy else None
             texts = t.tok.batch_decode(sampled, skip_special_tokens=True)
-            rows = [{"id": e.get("id", i), "answer": e["answer"], **{k: e[k] for k in GROUPS if k in e}}
+            rows = [{"id": e.get("id", i), "answer": e["answer"], "prompt": e["prompt"],
+                     "columns": e.get("columns", {}), **{k: e[k] for k in GROUPS if k in e}}
                     for i, e in zip(mine[lo:lo + c.batch_size], chunk)]
-            per = grade(rows, [texts[j * c.n:(j + 1) * c.n] for j in range(len(chunk))], self.reward_fn, c.n)
+            state = SimpleNamespace(global_step=step, max_steps=t.cfg.run.max_steps)
+            per = grade(rows, [texts[j * c.n:(j + 1) * c.n] for j in range(len(chunk))], self.reward_fn, c.n,
+                        completion_ids=[sampled[j * c.n:(j + 1) * c.n] for j in range(len(chunk))],
+                        trainer_state=state)
             if greedy is not None:
                 g_texts = t.tok.batch_decode(greedy, skip_special_tokens=True)
-                g_per = grade(rows, [[x] for x in g_texts], self.reward_fn, 1)
+                g_per = grade(rows, [[x] for x in g_texts], self.reward_fn, 1,
+                              completion_ids=[[x] for x in greedy], trainer_state=state)
                 for p, g in zip(per, g_per):
                     p["greedy"] = g["correct"]
             for p in per:

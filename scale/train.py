@@ -57,16 +57,17 @@ class Trainer:
         if r.resume and ckpt.latest(r.output_dir) is None:  # also raises for a pointer to a broken checkpoint
             raise ValueError(f"run.resume: no checkpoint under {Path(r.output_dir) / 'checkpoints'}")
         if method.rollouts:
-            from scale.rewards import load_reward
+            from scale.rewards import load_rewards
 
-            self.reward_fn = load_reward(cfg.method.rl.reward)
+            self.reward_fn = load_rewards(cfg.method.rl.reward, cfg.method.rl.reward_weights, "method.rl.reward")
         self.tok = loaded("the tokenizer", cfg.model.path, AutoTokenizer.from_pretrained)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         mcfg = loaded("the model config", cfg.model.path, AutoConfig.from_pretrained)
         context = getattr(mcfg, "max_position_embeddings", None) or cfg.data.max_length
         self.data = prepare_data(cfg.data.path, cfg, self.tok, method.data, context, who=cfg.method.name,
-                                 max_new_tokens=g.max_new_tokens if method.rollouts else 0)
+                                 max_new_tokens=g.max_new_tokens if method.rollouts else 0,
+                                 other_columns=method.rollouts)   # the reward functions get them
         self.pref = self.data
         if method.pref_data:
             self.pref = prepare_data(cfg.data.pref_path or cfg.data.path, cfg, self.tok, "dpo", context,
@@ -182,23 +183,40 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ rewards
-    def rewards(self, texts, answers, examples, when: str) -> list[float]:
-        """The reward function on a batch; a failure also names the data example (its index in data.path)
-        of the completion to blame, and when."""
+    def rewards(self, texts, answers, examples, when: str, completion_ids=None,
+                parts: dict | None = None) -> list[float]:
+        """The reward functions (`scale.rewards.Rewards`) on completions `texts` of the data examples `examples`
+        (indices into data.path, one per completion), called with the examples' prompts and other columns,
+        `completion_ids` and the step: the weighted total per completion (each function's values go into
+        `parts` when given). A failure also names the data example of the completion to blame, and when."""
+        from types import SimpleNamespace
+
         from scale.rewards import RewardError
 
+        exs = [self.data[i] for i in examples]
+        names = list(exs[0].get("columns", {})) if exs else []
+        state = SimpleNamespace(global_step=getattr(self, "step", 0), max_steps=self.cfg.run.max_steps)
         try:
-            return [float(x) for x in self.reward_fn(texts, answers)]
+            totals, per = self.reward_fn.score(texts, answers, prompts=[e["prompt"] for e in exs],
+                                               completion_ids=completion_ids, trainer_state=state,
+                                               columns={k: [e.get("columns", {}).get(k) for e in exs] for k in names})
         except RewardError as e:
             where = f"example {examples[e.index]} of {self.cfg.data.path}, " if e.index is not None else ""
             raise ValueError(f"{e} [{where}{when}]") from e
+        if parts is not None:
+            parts.update(per)
+        return totals
 
     def _trial_reward(self) -> None:
-        """One call of the reward on the first example's answer, boxed, before the model loads: a function
-        that fails on any input (a wrong signature, a None or NaN return) is named now, not after the
+        """Before the model loads: each reward function's signature against the keywords it will get (the data's
+        columns), then one call of each on the first example with its answer, boxed, as the completion. A
+        function that fails on any input (a wrong signature, a None or NaN return) is named now, not after the
         model has loaded and the first batch has been generated."""
-        answer = self.data[0]["answer"]
-        self.rewards([f"\\boxed{{{answer}}}"], [answer], [0], "a trial call before the model loads")
+        e = self.data[0]
+        self.reward_fn.check(e.get("columns", {}))
+        text = f"\\boxed{{{e['answer']}}}"
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        self.rewards([text], [e["answer"]], [0], "a trial call before the model loads", completion_ids=[ids])
 
     # ------------------------------------------------------------------ the update
     def global_counts(self, rows: list[Row]) -> dict[str, float]:

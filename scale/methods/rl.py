@@ -29,13 +29,17 @@ def rl_preset(cfg, name: str):
 def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, with_demo: bool = False) -> list[Row]:
     """Per prompt, its sampled completions (n, or n - 1 and its demonstration when `with_demo`) as `rl` /
     `demo` rows with rewards and advantages over the GLOBAL groups; reward, accuracy and length of the
-    samples go into `info`."""
+    samples go into `info`, and with several reward functions each one's mean ("rewards/<name>/mean", over
+    the completions it applies to, as TRL logs it). The reward functions get the examples' prompts and other
+    columns (`tr.rewards`) and the completions' token ids."""
     n = tr.cfg.generation.n
     n_gen = n - 1 if with_demo else n
     comps = tr.generate([e["prompt_ids"] for e in exs], n_gen)
     texts = tr.tok.batch_decode(comps, skip_special_tokens=True)
     answers = [e["answer"] for e in exs for _ in range(n_gen)]
-    rewards = tr.rewards(texts, answers, [i for i in idx for _ in range(n_gen)], f"step {step + 1}")
+    parts: dict = {}
+    rewards = tr.rewards(texts, answers, [i for i in idx for _ in range(n_gen)], f"step {step + 1}",
+                         completion_ids=comps, parts=parts)
     rows: list[Row] = []
     for q, e in enumerate(exs):
         for k in range(n_gen):
@@ -45,7 +49,8 @@ def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, wit
         if with_demo:
             t = e["completion"]
             demo_text = tr.tok.decode(t["input_ids"][t["prompt_len"]:], skip_special_tokens=True)
-            rd = tr.rewards([demo_text], [e["answer"]], [idx[q]], f"step {step + 1}")[0]
+            rd = tr.rewards([demo_text], [e["answer"]], [idx[q]], f"step {step + 1}",
+                            completion_ids=[list(t["input_ids"][t["prompt_len"]:])])[0]
             rows.append(Row(list(t["input_ids"]), t["prompt_len"], "demo",
                             meta={"group": q, "reward": rd, "offline": True}))
     acc = tr.acc
@@ -59,6 +64,12 @@ def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, wit
     s = acc.reduce(torch.stack([on.sum(), (on > 0.5).double().sum(), lens.sum(),
                                 torch.tensor(float(len(on)), dtype=torch.float64)]).to(acc.device), "sum")
     info.update(reward=float(s[0] / s[3]), accuracy=float(s[1] / s[3]), response_length=float(s[2] / s[3]))
+    if len(parts) > 1:
+        sums = [x for vs in parts.values() for x in (sum(v for v in vs if v is not None),
+                                                      sum(v is not None for v in vs))]
+        s = acc.reduce(torch.tensor(sums, dtype=torch.float64, device=acc.device), "sum").tolist()
+        info.update({f"rewards/{name}/mean": s[2 * j] / s[2 * j + 1] for j, name in enumerate(parts)
+                     if s[2 * j + 1]})
     return rows
 
 

@@ -57,8 +57,8 @@ def test_load_benchmark_formats(tmp_path, tiny):
     f.write_text(json.dumps({"prompt": "What is 1 + 1?\n", "answer": 2}) + "\n"
                  + json.dumps({"id": "q2", "prompt": "What is 2 + 2?\n", "answer": "4"}) + "\n")
     rows = load_benchmark(f, tok)
-    assert rows == [{"id": 0, "prompt": "What is 1 + 1?\n", "answer": "2"},
-                    {"id": "q2", "prompt": "What is 2 + 2?\n", "answer": "4"}]
+    assert rows == [{"id": 0, "prompt": "What is 1 + 1?\n", "answer": "2", "columns": {"id": None}},
+                    {"id": "q2", "prompt": "What is 2 + 2?\n", "answer": "4", "columns": {"id": "q2"}}]
     wrapped = load_benchmark(f, tok, chat_template=True, limit=1)
     assert len(wrapped) == 1 and wrapped[0]["prompt"] == \
         "<|im_start|>user\nWhat is 1 + 1?\n<|im_end|>\n<|im_start|>assistant\n"
@@ -70,6 +70,25 @@ def test_load_benchmark_formats(tmp_path, tiny):
     bad.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl lacks column\(s\) \['answer'\]"):
         load_benchmark(bad, tok)
+
+
+def test_grade_calls_trl_rewards_with_prompt_columns_and_ids():
+    from scale.evaluate import grade
+
+    seen = []
+
+    def trl_style(prompts, completions, completion_ids, answer, level, **kwargs):
+        seen.append((prompts, completion_ids, answer, level))
+        return [float(c == f"\\boxed{{{a}}}") if lv == 1 else None for c, a, lv in zip(completions, answer, level)]
+
+    rows = [{"id": "a", "prompt": "P1", "answer": "7", "columns": {"level": 1}, "level": 1},
+            {"id": "b", "prompt": "P2", "answer": "8", "columns": {"level": 2}}]
+    comps = [["\\boxed{7}", "no"], ["\\boxed{8}", "x"]]
+    with pytest.raises(ValueError, match=r"returned None \(not applicable\) for completion 0.*\[prompt 'b'\]"):
+        grade(rows, comps, trl_style, 2, completion_ids=[[[1], [2]], [[3], [4]]])
+    assert seen == [(["P1", "P1"], [[1], [2]], ["7", "7"], [1, 1]), (["P2", "P2"], [[3], [4]], ["8", "8"], [2, 2])]
+    (p,) = grade(rows[:1], comps[:1], trl_style, 2)
+    assert p == {"id": "a", "n": 2, "correct": 1, "rewards": [1.0, 0.0], "level": 1}
 
 
 def test_evaluate_with_a_reward_that_knows_the_answer(tmp_path, tiny, monkeypatch):
