@@ -103,7 +103,7 @@ def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "h
         m = tr.train_step(step)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-        gen.append(m["generation_time"])  # build_rows: generation, decoding, rewards (SFT: the batch's rows)
+        gen.append(m.get("generation_time", 0.0))  # build_rows: generation, decoding, rewards (SFT: the batch's rows)
     return {"times": times, "cpu": cpu, "gen": gen, "rss_before": base, "peak_rss": _rss_mb()}
 
 

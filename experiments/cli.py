@@ -1,4 +1,4 @@
-"""The `ptlab` command: `ptlab figures`, `ptlab table1`, and the commands that later parts add.
+"""The `ptlab` command: train, evaluate, sweep, inspect configs, and regenerate the figures.
 
 Each sub-command is a function taking parsed arguments; `COMMANDS` maps its name to
 (add_arguments, run). Heavy imports happen inside the run functions so `ptlab --help` is fast.
@@ -44,12 +44,19 @@ def _table1_run(a: argparse.Namespace) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    from scale.methods import method_names
-
     p.add_argument("config", type=Path, help="YAML config (see experiments/configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. run.max_steps=4")
-    p.epilog = (f"method.name: one of {', '.join(method_names())} (scale/methods/), or module:Class for your "
-                "own scale.methods.Method subclass (README, 'Add a method').")
+    plain = p.format_help
+
+    def with_methods() -> str:  # the registry imports torch: only when this help is shown
+        from scale.methods import method_names
+
+        p.epilog = (f"method.name: one of {', '.join(method_names())} (scale/methods/), or module:Class for your "
+                    "own scale.methods.Method subclass (README, 'Add a method'). Every key: `ptlab config "
+                    "schema`; a config with its defaults filled in: `ptlab config show CONFIG`.")
+        return plain()
+
+    p.format_help = with_methods
 
 
 def _train_run(a: argparse.Namespace) -> int:
@@ -108,17 +115,49 @@ def _sweep_run(a: argparse.Namespace) -> int:
     return sweep_main(a.sweep, jobs=a.jobs, dry=a.dry_run, report_only=a.report_only)
 
 
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("show", "schema"),
+                   help="show: the resolved config (every default filled in) as YAML; schema: every key with "
+                        "its type, default and meaning")
+    p.add_argument("config", nargs="?", type=Path, help="YAML config (show; without it: the defaults)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for train")
+
+
+def _config_run(a: argparse.Namespace) -> int:
+    from scale.config import load_config, schema
+
+    if a.action == "schema":
+        print(schema())
+        return 0
+    import yaml
+
+    cfg = load_config(a.config, a.overrides)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=120), end="")
+    return 0
+
+
 COMMANDS = {
     "figures": (_figures_args, _figures_run, "regenerate the figures and tables under paper_figs/"),
     "table1": (_table1_args, _table1_run, "render the HPT paper's Table 1 from the estimator presets"),
     "train": (_train_args, _train_run, "train a model with any method of scale/methods/ (scale/train.py)"),
     "eval": (_eval_args, _eval_run, "pass@k and avg@n of a model on a JSONL benchmark (scale/evaluate.py)"),
     "sweep": (_sweep_args, _sweep_run, "run method x grid x seed training cells and report over seeds"),
+    "config": (_config_args, _config_run, "print a resolved config (show) or every config key (schema)"),
 }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ptlab")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ptlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ptlab {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _, help_) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_))

@@ -12,8 +12,11 @@ semantic checks across keys (e.g. batch divisibility) are in `Config.validate`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import math
 import numbers
+import re
 import string
 import types
 import typing
@@ -28,18 +31,18 @@ SCHEDULES = ("sequential", "mix", "alright", "maxright")   # method.joint.schedu
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    enabled: bool = False         # train LoRA adapters instead of all weights (peft)
+    r: int = 8                    # LoRA rank
+    alpha: int = 16               # LoRA scaling alpha
+    dropout: float = 0.0          # LoRA dropout
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])   # module names that get adapters
 
 
 @dataclass
 class ModelConfig:
     path: str = ""                    # local Hugging Face folder or hub name
     dtype: str = "auto"               # auto (bf16 where supported, else fp32) | float32 | bfloat16 | float16 | float64
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False   # recompute activations in the backward (less memory, more time)
     lora: LoraConfig = field(default_factory=LoraConfig)
     ref_path: str = ""                # reference model for DPO / KL; "" = a frozen copy of the initial model
 
@@ -48,7 +51,7 @@ class ModelConfig:
 class DataConfig:
     path: str = ""                    # JSONL / JSON / parquet file, or a local dataset folder
     pref_path: str = ""               # sft_dpo only: preference data when it is a separate set ("" = `path`)
-    split: str = "train"
+    split: str = "train"          # split of a dataset folder (train.jsonl, test.parquet, ...)
     columns: dict[str, str] = field(default_factory=dict)   # ptlab name -> source column (dotted for nested)
     prompt_template: str = "{prompt}"  # applied to string prompts, e.g. "User: {prompt}\nAssistant: "
     chat_template: bool = False       # wrap string prompts as one user message and apply the tokenizer's template
@@ -57,7 +60,7 @@ class DataConfig:
     limit: int = 0                    # use the first `limit` rows (0: all)
     pref_limit: int = 0               # the same for pref_path
     pref_columns: dict[str, str] = field(default_factory=dict)   # the same for pref_path
-    shuffle: bool = True
+    shuffle: bool = True          # shuffle the examples every epoch (seeded by run.seed)
 
 
 @dataclass
@@ -65,10 +68,10 @@ class GenerationConfig:
     backend: str = "hf"               # hf (model.generate) | ptlab (scale/sampling.py, same sampling) | vllm
     n: int = 8                        # samples per prompt (the group size)
     temperature: float = 1.0          # also divides the logits of the training log-probs
-    top_p: float = 1.0
+    top_p: float = 1.0            # nucleus sampling mass (1: no cut)
     top_k: int = 0                    # 0: no top-k cut (transformers' generate would default to 50)
-    max_new_tokens: int = 256
-    vllm_gpu_memory_utilization: float = 0.3
+    max_new_tokens: int = 256     # completion budget of rollouts and evaluation (TRL's max_completion_length)
+    vllm_gpu_memory_utilization: float = 0.3   # vllm backend: share of GPU memory for vLLM
 
 
 @dataclass
@@ -78,14 +81,14 @@ class SftOptions:
 
 @dataclass
 class DpoOptions:
-    beta: float = 0.1
+    beta: float = 0.1             # DPO's inverse temperature
     precompute_ref: bool = False      # compute the reference log-probs once, then free the reference model
 
 
 @dataclass
 class RlOptions:
     estimator: str = "grpo"           # any theory.estimator preset
-    estimator_options: dict[str, Any] = field(default_factory=dict)
+    estimator_options: dict[str, Any] = field(default_factory=dict)   # preset field overrides, e.g. {eps_high: 0.28}
     reward: str | list[str] = "math"  # math | exact | module:function, or a list of them (summed with weights)
     reward_weights: list[float] = field(default_factory=list)   # one per reward (TRL's); [] = all 1
     entropy_coef: float = 0.0         # loss -= entropy_coef * (global token-mean entropy)
@@ -100,7 +103,7 @@ class HptOptions:
     gamma: float = 0.0                # gate threshold on the rollout accuracy P: SFT iff P <= gamma
     switch_gate: int = -1             # code variant: SFT iff (number correct) <= switch_gate; -1: round(gamma * n)
     gate_mode: str = "switch"         # switch | smooth [ours]
-    gate_temperature: float = 0.05
+    gate_temperature: float = 0.05   # smooth gate: temperature of its sigmoid
     sft_coef: float = 1.0             # the code's sft_loss_coef (0.3 for Qwen2.5-Math-1.5B)
 
 
@@ -112,7 +115,7 @@ class JointOptions:
     split: float = 0.5                # sequential: fraction of max_steps for the first stage
     reset_optimizer: bool = True      # sequential: fresh optimizer state at each stage (the code's separate runs)
     f_star_sft: float = 0.0           # maxright: optimum values (0 if unknown, as the XRIGHT README says)
-    f_star_dpo: float = 0.0
+    f_star_dpo: float = 0.0       # maxright: optimum of f_dpo (0 if unknown)
     k: int = 1                        # maxright: refresh both values every k steps (the code: 10)
     seed: int = 0                     # alright
     dpo_batch_size: int = 0           # pairs per step when it differs from run.batch_size (0: the same)
@@ -131,27 +134,30 @@ class MethodConfig:
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/ptlab"
-    seed: int = 0
+    output_dir: str = "runs/ptlab"   # the run's folder: one run per folder (scale/rundir.py)
+    seed: int = 0                 # seed of data order, sampling and initialisation of random draws
     max_steps: int = 10               # optimizer steps (RL: generation batches)
     batch_size: int = 8               # GLOBAL per step: prompts (RL family), examples (sft), pairs (dpo)
     grad_accum: int = 1               # micro-batches per process per optimizer step
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr: float = 1e-5              # peak learning rate (AdamW)
+    weight_decay: float = 0.0     # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])   # AdamW betas
     lr_scheduler: str = "constant"    # constant | linear | cosine
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.0     # share of the optimizer updates spent in linear warm-up
     max_grad_norm: float = 1.0        # clip; 0 disables
     skip_grad_norm: float = 0.0       # skip the update when the norm exceeds this (HPT code: 80); 0 disables
     mixed_precision: str = "no"       # no | bf16 | fp16 (accelerate autocast)
-    cpu: bool = False
+    cpu: bool = False             # run on CPU even when a GPU is present
+    threads: int = 0                  # CPU threads per process (torch.set_num_threads); 0: torch's default
     logprob_chunk: int = 1024         # completion tokens per lm_head chunk (no [B, T, V] float32 copy)
-    save_every: int = 0               # checkpoint every k steps (0: only at the end)
-    resume: bool = False
+    save_every: int = 100             # checkpoint every k steps (0: only at the end and on SIGTERM / SIGINT)
+    resume: bool | str = False        # false: a new run | true: continue from the newest checkpoint | auto: either
+    overwrite: bool = False           # a new run may replace another run's files in output_dir (removed first)
     stop_after: int = 0               # stop after this many steps as if interrupted (tests); 0 disables
-    log_every: int = 1
-    progress: bool = True
+    log_every: int = 1            # write metrics.jsonl every k steps (eval and last steps always)
+    progress: bool = True         # show a progress bar
     tensorboard: bool = True          # when tensorboard is installed
+    report_to: list[str] = field(default_factory=list)   # more trackers through accelerate: wandb, trackio, mlflow, ...
     save_model: bool = True           # save the final model (save_pretrained) into output_dir/final
 
 
@@ -171,16 +177,16 @@ class DataRegConfig:
 
     update_rule: str = "full"        # full | target_only | {global,blockwise,layerwise}_subset | projection
     k: int = 0                       # samples kept per group; 0: floor(fraction * n)
-    fraction: float = 0.5
+    fraction: float = 0.5         # samples kept per group when k = 0: floor(fraction * n)
     selection: str = "topk"          # topk (exact lmo) | released (top-k of raw scores) | negative_filtering | random
     filter_frac: float = 1.0         # negative_filtering: drop this fraction of the negative-score samples
     groups: str = ""                 # "" (from the rule) | layer | sublayer | block | global | custom
     custom_groups: list[list[str]] = field(default_factory=list)   # lists of fnmatch patterns over hooked module names
     subset_mode: str = "one_pass"    # one_pass | two_pass (GREATS: score, then a pass on the subset alone)
     scoring: str = "exact"           # exact (cheaper of ghost / matrix) | ghost | matrix | sketched | auto
-    sketch_rank: int = 64
+    sketch_rank: int = 64         # sketched scoring: rank of the random sketch
     projection_set: str = "hull"     # projection rule: hull | cone | span | gem | agem | subset | point
-    seed: int = 0
+    seed: int = 0                 # seed of the random selection and sketches
 
     def validate(self) -> DataRegConfig:
         for key, allowed in (("update_rule", RULES), ("selection", SELECTIONS), ("scoring", SCORINGS),
@@ -212,7 +218,7 @@ class DataregConfig(DataRegConfig):
     """The `datareg:` section: a DataRegConfig (scale/datareg.py's options) plus where the target comes from."""
 
     target: str = "file"              # file (target_path, cycled) | batch (the batch's own gradient)
-    target_path: str = ""
+    target_path: str = ""         # target: file: the JSONL of target examples (prompt, completion)
     target_batch_size: int = 1        # target examples per step (the released SFT code: 1)
     merged_target: bool = False       # append the target rows to the general batch: one forward and backward
 
@@ -233,7 +239,7 @@ class EvalSet:
 class EvalConfig:
     """Held-out evaluation inside the trainer (scale/heldout.py): every `every` steps and at the end."""
 
-    sets: list[EvalSet] = field(default_factory=list)
+    sets: list[EvalSet] = field(default_factory=list)   # held-out sets (name, path, kind, limit)
     every: int = 0                    # 0: only at the end
     at_start: bool = True             # also evaluate the initial model, logged as step 0
     n: int = 8                        # samples per prompt (generate sets), drawn with the generation: settings
@@ -316,7 +322,8 @@ RANGES: dict[type, dict[str, Range]] = {
     RunConfig: {"seed": SEED, "max_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1,
                 "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "betas": UNIT_HALF_OPEN, "warmup_ratio": UNIT_HALF_OPEN,
                 "max_grad_norm": NON_NEGATIVE, "skip_grad_norm": NON_NEGATIVE, "logprob_chunk": AT_LEAST_1,
-                "save_every": NON_NEGATIVE, "stop_after": NON_NEGATIVE, "log_every": AT_LEAST_1},
+                "save_every": NON_NEGATIVE, "stop_after": NON_NEGATIVE, "log_every": AT_LEAST_1,
+                "threads": NON_NEGATIVE},
     DataRegConfig: {"k": NON_NEGATIVE, "fraction": FRACTION, "filter_frac": UNIT, "sketch_rank": AT_LEAST_1,
                     "seed": SEED},
     DataregConfig: {"target_batch_size": AT_LEAST_1},
@@ -432,6 +439,8 @@ class Config:
         _choice("generation.backend", g.backend, ("hf", "ptlab", "vllm"))
         _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16", "float64"))
         _choice("run.lr_scheduler", r.lr_scheduler, ("constant", "linear", "cosine"))
+        if r.resume not in (True, False, "auto"):
+            raise ValueError(f"run.resume: expected true, false or auto, got {r.resume!r}")
         _choice("run.mixed_precision", r.mixed_precision, ("no", "bf16", "fp16"))
 
     def _check_text(self) -> None:
@@ -591,3 +600,55 @@ def _coerce(tp, value, key):
             raise ValueError(f"{key}: expected a string, got {value!r}")
         return value
     raise ValueError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+# ------------------------------------------------------------------------------------------ schema
+def field_docs(cls) -> dict[str, str]:
+    """{field: its one-line doc}: the comment after the field in the class's source (continued on the
+    following comment-only lines), the config's single source of documentation."""
+    docs: dict[str, str] = {}
+    last = None
+    for cls_ in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(cls_):
+            continue
+        for line in inspect.getsource(cls_).splitlines():
+            m = re.match(r"\s{4}(\w+): [^=]+=.*?\s#\s?(.*)$", line)
+            if m:
+                last = m.group(1)
+                docs[last] = m.group(2).strip()
+            elif re.match(r"\s+#\s{2,}", line) and last:   # a continuation of the previous field's comment
+                docs[last] += " " + line.strip().lstrip("#").strip()
+            elif re.match(r"\s{4}\w+:", line):
+                last = None
+    return docs
+
+
+def schema_rows(cls=None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, doc) of every config key; a list of sections as key[].field."""
+    cls = cls or Config
+    rows = []
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            rows += schema_rows(tp, key + ".")
+            continue
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if inner is not None and dataclasses.is_dataclass(inner):
+            rows.append((key, f"list of {inner.__name__}", "[]", docs.get(f.name, "")))
+            rows += schema_rows(inner, key + "[].")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        name = str(tp).replace("typing.", "") if typing.get_origin(tp) else tp.__name__
+        rows.append((key, name, json.dumps(default), docs.get(f.name, "")))
+    return rows
+
+
+def schema() -> str:
+    """Every key of the config with its type, default and meaning, one per line (`ptlab config schema`)."""
+    from scale.methods import method_names
+
+    rows = schema_rows()
+    w = max(len(k) for k, *_ in rows)
+    lines = [f"{k:{w}s}  {t:16s}  {d:12s}  {doc}" for k, t, d, doc in rows]
+    return "\n".join(lines) + f"\n\nmethod.name: {', '.join(method_names())}, or module:Class (scale.methods.Method)"

@@ -1,6 +1,6 @@
 """Data for the trainer: loading with `datasets`, TRL's column conventions, and tokenisation.
 
-Columns (TRL's, `ecosystem.md` section 1.5): `prompt`/`completion` (SFT and demonstrations),
+Columns (TRL's, `docs/ecosystem.md` section 1.5): `prompt`/`completion` (SFT and demonstrations),
 `prompt`/`chosen`/`rejected` (DPO), `messages` (a conversation; converted to prompt/completion with the
 tokenizer's chat template), plus `answer` for verifiable rewards. `DATA_KINDS` says which columns
 each kind of data (a method's `data`) needs; `require_columns` checks them before any model loads.
@@ -42,7 +42,10 @@ def load_data(path_or_dir: str | Path, split: str | None = None):
 
     path = Path(path_or_dir)
     if not path.exists():
-        raise ValueError(f"data: path {str(path)!r} does not exist")
+        hub = str(path).count("/") == 1 and not str(path).startswith((".", "/", "~"))
+        hint = (f"; ptlab reads local files and folders: save a Hub dataset first, e.g. `datasets.load_dataset("
+                f"{str(path)!r}).save_to_disk('data/x')`, then use that folder") if hub else ""
+        raise ValueError(f"data: path {str(path)!r} does not exist{hint}")
     if path.is_file() and _blank(path):
         raise ValueError(f"data: {str(path)!r} is empty")
     source = path  # the file actually read, named when it cannot be
@@ -203,7 +206,21 @@ def check_text_columns(ds, source: str) -> None:
             name = type(v).__name__
             got = "nothing (the key is missing or null)" if v is None else \
                 f"{'an' if name[0] in 'aeiou' else 'a'} {name} ({v!r:.40})"
-            raise ValueError(f"data: {source}: example {i}: column {col!r} holds {got}; expected {want}")
+            raise ValueError(f"data: {source}: {_where(source, i)}: column {col!r} holds {got}; expected {want}")
+
+
+def _where(source: str, i: int) -> str:
+    """Example `i` (0-based), with its line number when `source` is a JSON-lines file (blank lines skipped, as
+    the reader skips them)."""
+    path = Path(source)
+    if path.suffix == ".jsonl" and path.is_file():
+        seen = -1
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for line_no, line in enumerate(f, 1):
+                seen += bool(line.strip())
+                if seen == i:
+                    return f"example {i} (line {line_no})"
+    return f"example {i}"
 
 
 def chat_to_prompt_completion(messages: list[dict], tokenizer) -> tuple[str, str]:

@@ -1,5 +1,5 @@
-"""What a run writes as it goes: metrics.jsonl (one line per logged step), TensorBoard when installed,
-and the progress bar."""
+"""What a run writes as it goes: metrics.jsonl (one line per logged step), TensorBoard when installed, the
+trackers of `run.report_to` (through accelerate), and the progress bar."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 
 class Logger:
-    def __init__(self, out: Path, main: bool, tensorboard: bool, start_step: int):
-        self.main, self.tb = main, None
+    def __init__(self, out: Path, main: bool, tensorboard: bool, start_step: int, acc=None):
+        self.main, self.tb, self.acc = main, None, acc
         self.path = out / "metrics.jsonl"
         if not main:
             return
@@ -26,6 +26,9 @@ class Logger:
                 self.tb = None
 
     def log(self, metrics: dict):
+        if self.acc is not None:   # accelerate's trackers log on the main process themselves
+            self.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"},
+                         step=int(metrics["step"]))
         if not self.main:
             return
         with open(self.path, "a") as f:

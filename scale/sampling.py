@@ -19,6 +19,8 @@ the two agree token for token, and `sampling_probs` against transformers' own wa
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -71,8 +73,10 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n
     eye = torch.eye(L, dtype=torch.bool, device=dev)
     mask4 = (torch.ones(L, L, dtype=torch.bool, device=dev).tril() & keep[:, None, None, :]) | eye
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, attention_mask=mask4, position_ids=pos, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    # transformers renamed past_key_values to cache (deprecated from 5.2x, removed in 5.40): use what it takes
+    ck = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids, attention_mask=mask4, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{ck: cache})
     logits = out.logits[:, -1].float().repeat_interleave(n, 0)
     if n > 1:
         cache.batch_repeat_interleave(n)
@@ -88,8 +92,7 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n
         if t == max_new_tokens - 1 or not bool(alive.any()):
             break
         keys = torch.cat([keys, keys.new_ones(B * n, 1, 1, 1)], -1)
-        out = model(input_ids=tok[:, None], attention_mask=keys, position_ids=nxt_pos, past_key_values=cache,
-                    use_cache=True)
+        out = model(input_ids=tok[:, None], attention_mask=keys, position_ids=nxt_pos, use_cache=True, **{ck: cache})
         logits = out.logits[:, -1].float()
         nxt_pos = nxt_pos + 1
     return torch.stack(new, 1)

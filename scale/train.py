@@ -20,6 +20,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from scale import checkpoint as ckpt
+from scale import rundir
 from scale.checks import check_model_path, check_output_dir, loaded
 from scale.config import Config, load_config
 from scale.data import prepare_data
@@ -49,13 +53,13 @@ class Trainer:
         self.cfg = cfg.validate()
         self.method = method = get_method(cfg.method.name)(cfg)
         r, g = cfg.run, cfg.generation
+        if r.threads:   # on a shared CPU, fewer threads than cores avoids oversubscription (README, Threads)
+            torch.set_num_threads(r.threads)
         # 1. everything that can fail on bad input, before any model weights load
         check_model_path(cfg.model.path)
         if cfg.model.ref_path:
             check_model_path(cfg.model.ref_path, "model.ref_path")
         check_output_dir(r.output_dir)
-        if r.resume and ckpt.latest(r.output_dir) is None:  # also raises for a pointer to a broken checkpoint
-            raise ValueError(f"run.resume: no checkpoint under {Path(r.output_dir) / 'checkpoints'}")
         if method.rollouts:
             from scale.rewards import load_rewards
 
@@ -85,9 +89,12 @@ class Trainer:
         from scale.heldout import HeldOut
 
         self.heldout = HeldOut(self, context)  # the eval: section's sets, loaded and checked before the model
+        self.resuming = rundir.decide(cfg)  # one run per folder: resume only the same config, never mix runs
 
         # 2. accelerate and the model
-        self.acc = accelerator or Accelerator(cpu=r.cpu, mixed_precision=r.mixed_precision,
+        trackers = check_trackers(r.report_to)
+        self.acc = accelerator or Accelerator(cpu=r.cpu, mixed_precision=r.mixed_precision, log_with=trackers or None,
+                                              project_dir=r.output_dir,
                                               gradient_accumulation_steps=r.grad_accum)
         self.P = self.acc.num_processes
         if r.batch_size % self.P:
@@ -121,7 +128,7 @@ class Trainer:
         if method.uses_pairs and cfg.method.dpo.precompute_ref:
             self.reference.precompute(self.pref)
         self.generator = Generator(cfg, self.tok, self.acc, self._model, rollouts=method.rollouts)
-        self.step = 0
+        self.step, self.stopped_by = 0, 0
         self.out = Path(r.output_dir)
         self._perms: dict = {}
 
@@ -289,7 +296,11 @@ class Trainer:
         t_gen = time.perf_counter() - t0
         metrics = self.method.update(self, rows, info)
         dt = time.perf_counter() - t0
-        metrics.update(info, step=step + 1, step_time=dt, generation_time=t_gen, tokens_per_s=metrics["tokens"] / dt)
+        metrics.update(info, step=step + 1, step_time=dt, tokens_per_s=metrics["tokens"] / dt)
+        if self.method.rollouts:
+            metrics["generation_time"] = t_gen
+        else:   # no demonstrations-versus-samples ratio without samples
+            metrics.pop("offline_ratio", None)
         return metrics
 
     @torch.no_grad()
@@ -307,36 +318,50 @@ class Trainer:
         r = self.cfg.run
         torch.manual_seed(r.seed + self.acc.process_index)
         np.random.seed(r.seed + self.acc.process_index)
-        if r.resume:
+        if self.resuming:
             self._resume()
-        logger = Logger(self.out, self.acc.is_main_process, r.tensorboard, self.step)
+        elif self.acc.is_main_process:
+            rundir.clear(self.out)  # run.overwrite: the previous run's files go before anything is written
+        self.acc.wait_for_everyone()
+        if r.report_to:
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)   # what trackers take
+                       for k, v in rundir.flat(self.cfg.to_dict()).items()}
+            self.acc.init_trackers("ptlab", config=hparams)
+        logger = Logger(self.out, self.acc.is_main_process, r.tensorboard, self.step, self.acc if r.report_to else None)
         if self.acc.is_main_process:
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
         bar = progress(r.max_steps, self.step, self.acc.is_main_process and r.progress)
-        last = {}
+        last, t0, first = {}, time.perf_counter(), self.step
         self.heldout.trim(self.step)  # a resumed run drops the records past its checkpoint
         if self.step == 0 and self.heldout.due(0, r.max_steps):  # the initial model
             logger.log({"step": 0, **self.evaluate(0)})
-        while self.step < r.max_steps:
-            last = self.train_step(self.step)
-            self.step += 1
-            if self.heldout.due(self.step, r.max_steps):
-                last.update(self.evaluate(self.step))
-            if self.step % r.log_every == 0 or self.step == r.max_steps or any(k.startswith("eval/") for k in last):
-                logger.log(last)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "reward", "grad_norm") if k in last})
-            interrupted = r.stop_after and self.step >= r.stop_after and self.step < r.max_steps
-            if (r.save_every and self.step % r.save_every == 0) or self.step == r.max_steps or interrupted:
-                self.save_checkpoint()
-            if interrupted:
-                break
+        with StopSignals() as signals:
+            while self.step < r.max_steps:
+                last = self.train_step(self.step)                                      # rows -> update
+                self.step += 1
+                if self.heldout.due(self.step, r.max_steps):                           # evaluate
+                    last.update(self.evaluate(self.step))
+                if self.step % r.log_every == 0 or self.step == r.max_steps or any(k.startswith("eval/") for k in last):
+                    logger.log(last)                                                   # log
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{last[k]:.3g}" for k in ("loss", "reward", "grad_norm") if k in last})
+                self.stopped_by = signals.received(self.acc)
+                stop = self.stopped_by or (r.stop_after and self.step >= r.stop_after)
+                if (r.save_every and self.step % r.save_every == 0) or self.step == r.max_steps or stop:
+                    self.save_checkpoint()                                             # checkpoint
+                if stop and self.step < r.max_steps:
+                    break
         if bar is not None:
             bar.close()
         logger.close()
+        if r.report_to:
+            self.acc.end_training()
         if self.step == r.max_steps and r.save_model:
             self.save_model(self.out / "final")
+        if self.acc.is_main_process:
+            print(summary(last, self.step, self.step - first, time.perf_counter() - t0, self.out, r.max_steps,
+                          self.stopped_by), flush=True)
         return last
 
     def evaluate(self, step: int) -> dict:
@@ -348,7 +373,8 @@ class Trainer:
 
     def save_checkpoint(self, _fail: bool = False):
         extra = {"schedule": self.schedule}
-        ckpt.save(self.acc, self.out, self.step, {"step": self.step}, extra, _fail_after_state=_fail)
+        state = {"step": self.step, "config": self.cfg.to_dict()}   # the config: resuming checks it (rundir)
+        ckpt.save(self.acc, self.out, self.step, state, extra, _fail_after_state=_fail)
 
     def _resume(self):
         path = ckpt.latest(self.out)
@@ -382,13 +408,75 @@ def _lr_schedule(opt, r, total):
     return get_scheduler(name, opt, num_warmup_steps=warm, num_training_steps=max(total, 1))
 
 
+TRACKERS = ("aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb")
+
+
+def check_trackers(names: list[str]) -> list[str]:
+    """The `run.report_to` trackers: each one of accelerate's and installed (ValueError naming the key)."""
+    import accelerate.utils as au
+
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"run.report_to: unknown tracker {name!r}; accelerate's trackers: {list(TRACKERS)}")
+        if not getattr(au, f"is_{name}_available")():
+            raise ValueError(f"run.report_to: {name!r} is not installed (pip install {name.replace('_', '-')})")
+    return list(names)
+
+
+class StopSignals:
+    """SIGTERM (pre-emption, `kill`, torchrun passing one on) and SIGINT (Ctrl-C) ask the run to stop at the
+    next step boundary, after a checkpoint; a second SIGINT aborts at once. Every process stops at the same
+    step: the request is summed over processes at each step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.got, self.old = 0, {}
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self.old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.got == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.got = signum
+        print(f"ptlab train: {signal.Signals(signum).name} received; stopping after this step with a checkpoint"
+              + (" (Ctrl-C again aborts)" if signum == signal.SIGINT else ""), file=sys.stderr, flush=True)
+
+    def received(self, acc) -> int:
+        """The signal number when any process received one, else 0."""
+        if acc.num_processes == 1:
+            return self.got
+        anyone = acc.reduce(torch.tensor([float(self.got > 0)], device=acc.device), "sum").item() > 0
+        return (self.got or int(signal.SIGTERM)) if anyone else 0
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+        return False
+
+
+def summary(last: dict, step: int, steps: int, seconds: float, out: Path, max_steps: int, stopped_by: int) -> str:
+    """The end-of-run line: how far it got, the last step's main metrics, and where the outputs are."""
+    how = f"stopped by {signal.Signals(stopped_by).name} at step" if stopped_by else "step"
+    keys = [k for k in ("loss", "reward", "sft_loss", "dpo_loss") if k in last]
+    keys += sorted(k for k in last if k.startswith("eval/") and k.count("/") == 2)[:4]
+    shown = ", ".join(f"{k}={last[k]:.4g}" for k in keys)
+    return (f"ptlab train: {how} {step}/{max_steps} ({steps} steps in {seconds:.0f} s)"
+            f"{'; ' + shown if shown else ''}; outputs in {out}")
+
+
 def main(config_path: str, overrides: list[str]) -> dict:
     cfg = load_config(config_path, overrides)
     trainer = Trainer(cfg)
     try:
-        return trainer.train()
+        last = trainer.train()
     finally:
         _end_distributed()
+    if trainer.stopped_by:   # the shell's convention for a process ended by a signal; a sweep sees a failure
+        sys.exit(128 + trainer.stopped_by)
+    return last
 
 
 def _end_distributed() -> None:

@@ -4,7 +4,7 @@ Binary classification with a tanh MLP in float64 numpy, trained on the logistic 
 is a random teacher network: label 1 with probability sigmoid(f_target(x)), then flipped with
 probability ``noise`` (label noise). Only ``n_target`` = 16 target examples are available for training,
 as in the released SFT code; the *target loss* is the log-loss on ``n_eval`` *held-out* target examples,
-the analogue of the paper's eval perplexity on held-out target examples (log perplexity, drpt.md 1.6).
+the analogue of the paper's eval perplexity on held-out target examples (log perplexity, docs/drpt.md section 1.6).
 The *general* pool is abundant and partly aligned: each general example has its label from the target
 teacher with probability ``align`` and otherwise from another function, correlated ``other_corr`` with
 the target teacher (a mix of it and an independent teacher; both have logit standard deviation
@@ -14,7 +14,7 @@ Each step takes ``m`` target examples cyclically from the scarce set (reshuffled
 released code's loader) and a fresh general minibatch of ``n``; it forms the target-minibatch gradient
 g ([d]) and the per-sample general gradients G ([n, d]) and hands both to an update rule, a function
 (g, G) -> update built from ``theory.projection``. Target-only trains on g itself, so it can memorise
-the 16 examples; the subset rules use g only to choose which general gradients to follow (drpt.md 1.4).
+the 16 examples; the subset rules use g only to choose which general gradients to follow (docs/drpt.md section 1.4).
 
 Parameters live in one flat vector in torch's ``nn.Linear`` order (each layer's weight [out, in]
 row-major, then its bias), so a "layer" group is one layer's weight and bias, a "block" two consecutive

@@ -318,16 +318,16 @@ def test_disk_full_while_saving_the_final_model(world, tmp_path, capsys, monkeyp
         Path(path, "model.safetensors").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    out = tmp_path / "run"
-    (out / "final").mkdir(parents=True)
-    (out / "final" / "model.safetensors").write_bytes(b"an earlier run's model")
+    out = tmp_path / "run"   # the run's first part saves final/; its continuation (2 -> 3 steps) cannot
+    assert _run(world, out, "sft", "sft", **{"run.save_model": True}) == 0
+    earlier = (out / "final" / "model.safetensors").read_bytes()
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
-    assert _run(world, out, "sft", "sft", **{"run.save_model": True}) == 1
+    assert _run(world, out, "sft", "sft", **{"run.save_model": True, "run.resume": "auto", "run.max_steps": 3}) == 1
     err = _error_line(capsys.readouterr().err)
     assert "no space left on device" in err and "final.tmp" in err, err
     assert not (out / "final.tmp").exists()
-    assert (out / "final" / "model.safetensors").read_bytes() == b"an earlier run's model"
-    assert ckpt.latest(out).name == "step-000002"
+    assert (out / "final" / "model.safetensors").read_bytes() == earlier
+    assert ckpt.latest(out).name == "step-000003"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

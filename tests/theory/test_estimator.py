@@ -135,7 +135,7 @@ def test_clipping_is_active_in_reference_comparisons():
 
 
 def verl_agg(loss_mat, M, mode, L=None):
-    """verl's agg_loss formulas (ecosystem.md section 2.4), single process, local counts."""
+    """verl's agg_loss formulas (docs/ecosystem.md section 2.4), single process, local counts."""
     Mf = M.to(F64)
     if mode == "token_mean":
         return (loss_mat * Mf).sum() / Mf.sum()
@@ -197,7 +197,7 @@ def test_advantages_match_loop_references(seed, G, n, real):
     if G > 1:
         torch.testing.assert_close(adv.compute("group_norm", r, G), ref.advantages_group_norm(r, G))
         torch.testing.assert_close(adv.compute("rloo", r, G), ref.advantages_rloo(r, G))
-        # RLOO = G/(G-1) * (r - mean): the identity ecosystem.md section 8 lists
+        # RLOO = G/(G-1) * (r - mean): the identity docs/ecosystem.md section 8 lists
         torch.testing.assert_close(adv.compute("rloo", r, G), adv.compute("group_mean", r, G) * G / (G - 1))
     torch.testing.assert_close(adv.compute("group_mean", r, G), ref.advantages_group_mean(r, G))
 
