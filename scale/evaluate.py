@@ -100,10 +100,11 @@ def metrics_of(per_prompt: list[dict], n: int, ks: list[int]) -> dict[str, float
 def load_benchmark(path: str | Path, tokenizer, chat_template: bool = False, limit: int | None = None) -> list[dict]:
     """Rows {"id", "prompt" (text), "answer", "columns" (the file's other columns, for the reward)} from a
     benchmark file (format in the module docstring)."""
-    from scale.data import OWN_COLUMNS, load_data, render_prompt, require_columns
+    from scale.data import OWN_COLUMNS, check_text_columns, load_data, render_prompt, require_columns
 
     ds = load_data(path)
     require_columns(ds, "eval", source=str(path))
+    check_text_columns(ds, str(path))   # a row without an answer would be graded against the text "None"
     rows = []
     for i, ex in enumerate(ds):
         if limit is not None and i >= limit:

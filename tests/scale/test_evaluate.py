@@ -70,6 +70,10 @@ def test_load_benchmark_formats(tmp_path, tiny):
     bad.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl lacks column\(s\) \['answer'\]"):
         load_benchmark(bad, tok)
+    gap = tmp_path / "gap.jsonl"   # one row without its answer: named by line, not graded against "None"
+    gap.write_text(json.dumps({"prompt": "a", "answer": "1"}) + "\n\n" + json.dumps({"prompt": "b"}) + "\n")
+    with pytest.raises(ValueError, match=r"gap.jsonl: example 1 \(line 3\): column 'answer' holds nothing"):
+        load_benchmark(gap, tok)
 
 
 def test_grade_calls_trl_rewards_with_prompt_columns_and_ids():
