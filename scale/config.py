@@ -1,6 +1,6 @@
 """The training config: a typed, nested dataclass schema, loaded from YAML plus `key=value` overrides.
 
-    cfg = load_config("experiments/configs/tiny_hpt.yaml", ["run.max_steps=4", "method.hpt.gamma=0.25"])
+    cfg = load_config("experiments/configs/tiny_hpt_paper.yaml", ["run.max_steps=4", "method.hpt.gamma=0.25"])
 
 Sections: `model`, `data`, `method` (its `name` and one option block per method family), `generation`
 and `run`. Every key is checked against the schema and every value against its type before anything
