@@ -131,8 +131,13 @@ def _config_run(a: argparse.Namespace) -> int:
         return 0
     import yaml
 
-    cfg = load_config(a.config, a.overrides)
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=120), end="")
+    from scale.stages import is_pipeline, load_pipeline
+
+    runs = load_pipeline(a.config, a.overrides) if a.config and is_pipeline(a.config) else \
+        [("", load_config(a.config, a.overrides))]
+    for name, cfg in runs:
+        print(f"# stage {name}\n" if name else "", end="")
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=120), end="")
     return 0
 
 

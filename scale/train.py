@@ -468,14 +468,24 @@ def summary(last: dict, step: int, steps: int, seconds: float, out: Path, max_st
 
 
 def main(config_path: str, overrides: list[str]) -> dict:
-    cfg = load_config(config_path, overrides)
-    trainer = Trainer(cfg)
+    """One run, or the stages of a pipeline file (scale/stages.py) one after the other."""
+    from scale import stages
+
+    pipeline = stages.is_pipeline(config_path)
+    runs = stages.load_pipeline(config_path, overrides) if pipeline else [("", load_config(config_path, overrides))]
+    last: dict = {}
     try:
-        last = trainer.train()
+        for _, cfg in runs:
+            trainer = Trainer(cfg)
+            last = trainer.train()
+            if pipeline and trainer.acc.is_main_process:
+                stages.merge_metrics(Path(cfg.run.output_dir).parent, runs)
+            if trainer.stopped_by:   # the shell's convention for a process ended by a signal: not finished
+                sys.exit(128 + trainer.stopped_by)
+            if trainer.step < cfg.run.max_steps:   # stopped early (run.stop_after): the next stage has no model
+                break
     finally:
         _end_distributed()
-    if trainer.stopped_by:   # the shell's convention for a process ended by a signal; a sweep sees a failure
-        sys.exit(128 + trainer.stopped_by)
     return last
 
 
