@@ -593,6 +593,8 @@ def _coerce(tp, value, key):
             raise ValueError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if value is False and key.endswith("mixed_precision"):   # YAML 1.1 reads the choice `no` as false
+            return "no"
         if isinstance(value, (dict, list)):  # `key={question}` on a command line is a YAML mapping
             raise ValueError(f"{key}: expected a string, got the YAML {type(value).__name__} {value!r}; "
                              "quote a value that starts with { or [ (e.g. 'key=\"{...}\"')")

@@ -73,6 +73,10 @@ def load_pipeline(path: str | Path, overrides: list[str]) -> list[tuple[str, Con
             cfg = load_config(s["config"], [*s.get("overrides", []), *common, *own[name], *fixed])
         except ValueError as e:
             raise ValueError(f"stages[{i}] ({name}): {e}") from None
+        for key in ("cpu", "mixed_precision"):   # accelerate's state is set once per process
+            if cfgs and getattr(cfg.run, key) != getattr(cfgs[0][1].run, key):
+                raise ValueError(f"stages[{i}] ({name}): run.{key}: every stage of a pipeline needs the same value "
+                                 f"(stage {cfgs[0][0]!r} has {getattr(cfgs[0][1].run, key)!r})")
         cfgs.append((name, cfg))
         prev = out_dir / name / "final"
     return cfgs

@@ -102,6 +102,10 @@ class Trainer:
         if (r.batch_size // self.P) % cfg.method.rl.mini_batches:
             raise ValueError(f"method.rl.mini_batches: must divide the per-process batch {r.batch_size // self.P}")
         self._deepspeed_fixups()
+        if cfg.model.dtype in ("bfloat16", "float16") and not cfg.model.lora.enabled and self.acc.is_main_process:
+            print(f"ptlab train: warning: model.dtype={cfg.model.dtype} trains half-precision weights with no float32 "
+                  "copy: small updates round away (README, 'Precision'); use model.dtype=float32 with "
+                  "run.mixed_precision=bf16", file=sys.stderr, flush=True)
         model = self._load_model(cfg.model.path)
         ref = None
         needs_ref = method.needs_reference() or any(s.kind == "dpo" for s in cfg.eval.sets)
