@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from experiments.registry import FigureResult, figure  # noqa: E402
+from experiments.registry import FigureResult, figure, save_figure  # noqa: E402
 
 RULES = {"Full-Training": "full", "Target-only": "target_only", "Global Subset": "global_subset",
          "Layer-Wise Subset": "layerwise_subset"}
@@ -128,7 +128,7 @@ def build(out: Path, seeds=(0, 1), steps: int = 400, eval_every: int = 20) -> Fi
     ax.set_title("tiny SFT: general pool (levels 1-4) -> subtraction")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "datareg_sft_ppl.png", dpi=120)
+    save_figure(fig, out / "datareg_sft_ppl.png", dpi=120)
     plt.close(fig)
     final = {k: float(v[1][-1]) for k, v in curves.items()}
     best = {k: float(v[1].min()) for k, v in curves.items()}
@@ -152,6 +152,7 @@ def build(out: Path, seeds=(0, 1), steps: int = 400, eval_every: int = 20) -> Fi
 
 @figure("datareg_sft",
         reproduces="Dr. Post-Training SFT eval-perplexity curves (docs/drpt.md section 1.6): Layer-Wise Subset "
-                   "< Global Subset < Full-Training; Target-only overfits")
+                   "< Global Subset < Full-Training; Target-only overfits",
+        slow=True)  # 386 s (experiments/registry.py, 'Slow figures')
 def fig_datareg_sft(out: Path) -> FigureResult:
     return build(out)

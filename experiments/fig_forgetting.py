@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.registry import FigureResult, figure  # noqa: E402
+from experiments.registry import FigureResult, figure, save_figure  # noqa: E402
 from theory.forgetting import (  # noqa: E402
     run_schedule,
     sequential_final,
@@ -73,7 +73,7 @@ def forgetting_toy(out: Path) -> FigureResult:
     ax.set_title(r"contours of $f_{mix}$, $\lambda=0.5$: one prompt, 3 responses, $\theta\in\mathbb{R}^2$", fontsize=10)
     ax.legend(fontsize=7, loc="lower right", framealpha=0.85)
     fig.tight_layout()
-    fig.savefig(out / "forgetting_toy.png", dpi=130)
+    save_figure(fig, out / "forgetting_toy.png", dpi=130)
     plt.close(fig)
 
     seq = min(gaps["Sequential SFT->DPO"], gaps["Sequential DPO->SFT"])
@@ -152,7 +152,7 @@ def forgetting_tradeoff(out: Path) -> FigureResult:
     fig.suptitle("DPO->SFT trade-off on the log-linear toy (layout of XRIGHT's Pythia-1b figure; shape, not values)",
                  fontsize=11)
     fig.tight_layout()
-    fig.savefig(out / "forgetting_tradeoff.png", dpi=110)
+    save_figure(fig, out / "forgetting_tradeoff.png", dpi=110)
     plt.close(fig)
 
     ideal_d = {m: np.array(res[m]["ideal"]) for m in methods}
@@ -220,7 +220,7 @@ def forgetting_seq_bound(out: Path) -> FigureResult:
     ax.set_title("certificate for splits with both stages >= m", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "forgetting_seq_bound.png", dpi=120)
+    save_figure(fig, out / "forgetting_seq_bound.png", dpi=120)
     plt.close(fig)
     positive = all(b.bound > 0 for _, b in lines)
     held = "yes" if ok and positive else "no"

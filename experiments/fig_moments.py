@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.registry import FigureResult, figure  # noqa: E402
+from experiments.registry import FigureResult, figure, save_figure  # noqa: E402
 from theory.estimator import PRESETS, preset  # noqa: E402
 from theory.finite import FiniteProblem, Objective, softmax_policy  # noqa: E402
 from theory.moments import GateRule, exact_moments  # noqa: E402
@@ -55,7 +55,7 @@ def fig_group_size(out: Path) -> FigureResult:
         ax.minorticks_off()
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "moments_vs_group_size.png", dpi=120)
+    save_figure(fig, out / "moments_vs_group_size.png", dpi=120)
     plt.close(fig)
 
     unbiased = max(m.bias_sq for lab in ("REINFORCE", "RLOO", "SFT") for m in res[lab])
@@ -119,7 +119,7 @@ def fig_policy_quality(out: Path) -> FigureResult:
     axes[2].set(xlabel="P(correct) under pi", title=f"scale-free MSE, mean of {BATCH} prompts")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "moments_vs_policy_quality.png", dpi=120)
+    save_figure(fig, out / "moments_vs_policy_quality.png", dpi=120)
     plt.close(fig)
 
     mse = {lab: np.array([m.batch_scale_free_mse(BATCH) for m in ms]) for lab, ms in curves.items()}
@@ -206,7 +206,7 @@ def fig_table1(out: Path) -> FigureResult:
     axes[2].legend(title="pi_old")
     axes[0].invert_yaxis()
     fig.tight_layout()
-    fig.savefig(out / "moments_table1.png", dpi=120)
+    save_figure(fig, out / "moments_table1.png", dpi=120)
     plt.close(fig)
 
     by = {r[0]: r[3] for r in rows}
