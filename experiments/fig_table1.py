@@ -29,7 +29,9 @@ ADVANTAGE = {
     "raw": ("r (±1)", r"$r\ (\pm 1)$"),
     "group_mean": ("r − mean_G r", r"$r - \mathrm{mean}_G r$"),
     "group_norm": ("(r − mean_G r) / std_G r", r"$(r - \mathrm{mean}_G r)/\mathrm{std}_G r$"),
-    "batch_norm": ("(r − mean_G r) / std_batch", r"$(r - \mathrm{mean}_G r)/\mathrm{std}_{batch}$"),
+    "group_center_batch_std_trl": ("(r − mean_G r) / std_batch r", r"$(r - \mathrm{mean}_G r)/\mathrm{std}_{batch} r$"),
+    "group_center_token_whiten_verl": ("r − mean_G r, whitened over tokens",
+                                       r"$r - \mathrm{mean}_G r$, whitened over tokens"),
     "rloo": ("r − mean of the other G−1", r"$r_i - \mathrm{mean}_{j \ne i} r_j$"),
     "given": ("given (GAE)", r"given (GAE)"),
 }
@@ -38,8 +40,9 @@ AGGREGATION = {
     "global_token_mean": ("Σ l / N_global tokens", r"$\sum \ell / N_{tok}$ (global)"),
     "seq_mean_token_mean": ("mean_i (1/|τ_i|) Σ_t l", r"$\frac{1}{S}\sum_i \frac{1}{|\tau_i|}\sum_t \ell$"),
     "seq_mean_token_sum": ("mean_i Σ_t l", r"$\frac{1}{S}\sum_i \sum_t \ell$"),
-    "seq_mean_token_sum_norm": ("Σ l / L", r"$\sum \ell / L$"),
+    "seq_mean_token_sum_norm": ("Σ l / (S L)", r"$\sum \ell / (S L)$"),
     "batch_token_sum_norm": ("Σ l / (S L)", r"$\sum \ell / (S L)$"),
+    "token_sum_norm": ("Σ l / L", r"$\sum \ell / L$"),
 }
 
 

@@ -114,11 +114,13 @@ def collate(rows: list[Row], pad_id: int, device=None) -> dict[str, torch.Tensor
 
 def local_counts(rows: list[Row]) -> dict[str, float]:
     """Counts that the global normalisers sum over micro-batches and processes."""
-    c = {"rl_rows": 0.0, "rl_tokens": 0.0, "sft_rows": 0.0, "sft_tokens": 0.0, "pairs": 0.0, "all_tokens": 0.0}
+    c = {"rl_rows": 0.0, "rl_nonempty_rows": 0.0, "rl_tokens": 0.0, "sft_rows": 0.0, "sft_tokens": 0.0,
+         "pairs": 0.0, "all_tokens": 0.0}
     for r in rows:
         c["all_tokens"] += r.n_scored
         if r.kind in ("rl", "demo"):
             c["rl_rows"] += 1
+            c["rl_nonempty_rows"] += r.n_scored > 0
             c["rl_tokens"] += r.n_scored
         elif r.kind == "sft":
             c["sft_rows"] += 1
@@ -133,6 +135,7 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict, terms: Terms
 
     logp, entropy [n, T] from `Policy`; mb from `collate`; norms: global counts (`local_counts` summed),
     optionally with `rl_seqs` / `sft_seqs` overriding the number of sequences of a term (HPT paper: Q*n and Q).
+    An RL estimator with `count_empty_rows=False` (verl's agg_loss) counts only the rows with a scored token.
     """
     M = mb["score_mask"]
     kinds = mb["kind"]
@@ -149,8 +152,9 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict, terms: Terms
         demo = torch.tensor([kinds[i] == "demo" for i in rl_i.tolist()], device=dev)
         A = (mb["advantage"][rl_i] * mb["weight"][rl_i]).to(lp.dtype)
         old = mb["old_logp"][rl_i].to(lp.dtype) if mb["old_logp"] is not None else None
+        rows_key = "rl_rows" if terms.rl.count_empty_rows else "rl_nonempty_rows"
         kw = dict(old_logp=old, advantages=A, mask=m, num_items=max(norms["rl_tokens"], 1.0),
-                  num_seqs=max(norms.get("rl_seqs", norms["rl_rows"]), 1.0))
+                  num_seqs=max(norms.get("rl_seqs", norms[rows_key]), 1.0))
         if bool(demo.any()):
             kw["is_demo"] = demo
         term = terms.rl.loss(lp, **kw)

@@ -15,16 +15,24 @@ An estimator is the four parts plus an aggregation over tokens and sequences:
 - `shaping` of the likelihood gradient: `none`, or `luffy`: f(pi) = pi / (pi + gamma), so that
   grad f(pi) = gamma / (pi + gamma)^2 * grad pi.
 - `aggregation` (the weights a_{i,t} with loss = sum a * l; M is the token mask, L_i = sum_t M_it,
-  S the number of sequences (`num_seqs`, default B), L a constant length (`max_length`, default T)):
+  S the number of sequences (`num_seqs`; by default B, or with `count_empty_rows=False` the number of
+  rows with at least one valid token), L a constant length (`max_length`, default T)):
 
-  | name                      | a_{i,t}            | matches                                    |
-  |---------------------------|--------------------|--------------------------------------------|
-  | `token_mean`              | M / sum M          | verl token-mean (local), TRL bnpo          |
-  | `global_token_mean`       | M / num_items      | verl token-mean (global), TRL dapo         |
-  | `seq_mean_token_mean`     | M / (S L_i)        | verl seq-mean-token-mean, TRL grpo         |
-  | `seq_mean_token_sum`      | M / S              | verl seq-mean-token-sum                    |
-  | `seq_mean_token_sum_norm` | M / L              | verl seq-mean-token-sum-norm (no 1/S)      |
-  | `batch_token_sum_norm`    | M / (S L)          | TRL dr_grpo                                |
+  | name                      | a_{i,t}            | matches                                               |
+  |---------------------------|--------------------|-------------------------------------------------------|
+  | `token_mean`              | M / sum M          | verl token-mean (local), TRL bnpo                     |
+  | `global_token_mean`       | M / num_items      | verl token-mean (global), TRL dapo                    |
+  | `seq_mean_token_mean`     | M / (S L_i)        | verl seq-mean-token-mean, TRL grpo                    |
+  | `seq_mean_token_sum`      | M / S              | verl seq-mean-token-sum                               |
+  | `seq_mean_token_sum_norm` | M / (S L)          | verl seq-mean-token-sum-norm (verl 0.9.1, since 2026-02) |
+  | `batch_token_sum_norm`    | M / (S L)          | TRL dr_grpo (the same weights as the line above)      |
+  | `token_sum_norm`          | M / L              | verl seq-mean-token-sum-norm before 2026-02 (no 1/S); |
+  |                           |                    | the HPT and LUFFY released code (`hpt_code`)          |
+
+  Empty rows (no valid token): TRL and verl's trainer (global_batch_size = mini-batch size x n)
+  count them in S, as ptlab does by default; verl's `agg_loss` called without a global batch size
+  counts only non-empty rows in its seq-mean modes, which is `count_empty_rows=False`. A batch whose
+  rows are all empty then has S = 1 (a zero loss) where verl divides 0 by 0.
 
 Demonstration rows (`is_demo`, for LUFFY and SRFT) use `demo_reference` and `demo_shaping` instead of
 `reference` and `shaping`, and are never masked, as in both methods' code.
@@ -39,8 +47,17 @@ loss, and the gradient is the UPGE estimate with no tie-breaking ambiguity at th
 The tests check both against plain-loop references written from the papers and libraries
 (tests/theory/test_estimator.py).
 
-Numerics: log-ratios are clamped to [-20, 20] before exponentiation (verl's guard), masked positions
-are replaced by 0 before any arithmetic, so a fully masked row contributes exactly nothing. Inputs in
+Numerics: log-ratios are clamped to [-log_ratio_clamp, log_ratio_clamp] = [-20, 20] before
+exponentiation (verl's guard); GSPO clamps each token's log-ratio before the sequence mean (verl
+clamps none there). Beyond the clamp ptlab holds the ratio at e^{+-20} in both the loss value and
+the weight w (a truncated importance weight; `clamp_gradient="keep"`, the default). verl clamps
+inside autograd, so there the gradient through the ratio is zero beyond the clamp:
+`clamp_gradient="zero"` gives that (w = 0 where |log-ratio| > log_ratio_clamp; CISPO's weight is a
+stop-gradient in both libraries and is not affected). verl's GSPO also caps the sequence log-ratio at
+10 from above, inside autograd: `sequence_log_ratio_max=10.0` (reference `sequence_geometric` only;
+default None, no cap), with `clamp_gradient` deciding the gradient beyond the cap. TRL clamps no
+ratio (theory/README.md 1.6). Masked positions are replaced by 0 before any arithmetic, so a fully
+masked row contributes exactly nothing. Inputs in
 float16 or bfloat16 are computed in float32 (exp(20) overflows float16), so `loss` and `coefficients`
 come back in float32 for them and in the input's dtype otherwise (float32, float64: numbers unchanged);
 the gradient with respect to a float16 `logp` is stored in float16 by autograd and overflows if a
@@ -65,7 +82,8 @@ REFERENCES = ("policy", "old", "one", "behaviour", "sequence_geometric")
 MASKS = ("none", "ppo_clip", "dual_clip", "cispo", "sequence_clip")
 SHAPINGS = ("none", "luffy")
 AGGREGATIONS = ("token_mean", "global_token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
-                "seq_mean_token_sum_norm", "batch_token_sum_norm")
+                "seq_mean_token_sum_norm", "batch_token_sum_norm", "token_sum_norm")
+CLAMP_GRADIENTS = ("keep", "zero")
 _RATIO_REFERENCES = ("old", "behaviour", "sequence_geometric")
 
 
@@ -92,7 +110,10 @@ class UPGE:
     demo_reference: str | None = None  # reference on demonstration rows; None: no demonstrations
     demo_shaping: str = "none"
     max_length: int | None = None    # constant L of the *_norm aggregations; None: the padded length T
+    count_empty_rows: bool = True    # S counts rows without a valid token (TRL); False: verl's agg_loss
     log_ratio_clamp: float = 20.0
+    clamp_gradient: str = "keep"     # beyond the clamp: "keep" w at the clamped ratio, "zero" (verl)
+    sequence_log_ratio_max: float | None = None  # GSPO: cap on the sequence log-ratio (verl: 10.0)
     in_table1: bool = False          # listed in the HPT paper's Table 1
     citation: str = ""
 
@@ -103,6 +124,7 @@ class UPGE:
         _check_choice("shaping", self.shaping, SHAPINGS)
         _check_choice("aggregation", self.aggregation, AGGREGATIONS)
         _check_choice("demo_shaping", self.demo_shaping, SHAPINGS)
+        _check_choice("clamp_gradient", self.clamp_gradient, CLAMP_GRADIENTS)
         if self.demo_reference is not None:
             _check_choice("demo_reference", self.demo_reference, ("policy", "one"))
         if self.mask != "none" and self.reference not in _RATIO_REFERENCES:
@@ -121,8 +143,18 @@ class UPGE:
                 raise ValueError(f"{f}: expected a non-negative number, got {v!r}")
         if not math.isfinite(self.log_ratio_clamp):  # exp(inf) is inf: the ratio must stay finite
             raise ValueError(f"log_ratio_clamp: expected a finite number, got {self.log_ratio_clamp!r}")
-        if not isinstance(self.std_unbiased, (bool, np.bool_)):
-            raise ValueError(f"std_unbiased: expected a bool, got {self.std_unbiased!r}")
+        for f in ("std_unbiased", "count_empty_rows"):
+            if not isinstance(getattr(self, f), (bool, np.bool_)):
+                raise ValueError(f"{f}: expected a bool, got {getattr(self, f)!r}")
+        m = self.sequence_log_ratio_max
+        if m is not None:
+            if isinstance(m, (bool, np.bool_)) or not isinstance(m, (int, float, np.integer, np.floating)) \
+                    or not (math.isfinite(m) and m >= 0):
+                raise ValueError(f"sequence_log_ratio_max: expected a finite number >= 0 or None, got {m!r}")
+            if self.reference != "sequence_geometric":
+                raise ValueError("sequence_log_ratio_max: caps GSPO's sequence log-ratio and needs "
+                                 f"reference='sequence_geometric'; got reference={self.reference!r}")
+            object.__setattr__(self, "sequence_log_ratio_max", float(m))
         if self.mask == "dual_clip" and not self.clip_c > 1 + self.eps_high:
             raise ValueError(f"clip_c: dual clip needs clip_c > 1 + eps_high, got {self.clip_c!r}")
         if self.shaping_gamma == 0 and "luffy" in (self.shaping, self.demo_shaping):
@@ -138,9 +170,11 @@ class UPGE:
         return dataclasses.replace(self, **options)
 
     # ------------------------------------------------------------------ advantages
-    def advantages(self, rewards, group_size: int) -> Tensor:
-        """rewards [B] (B = n_prompts * group_size, groups contiguous) -> advantages [B]."""
-        return adv_mod.compute(self.advantage, rewards, group_size,
+    def advantages(self, rewards, group_size: int, lengths=None) -> Tensor:
+        """rewards [B] (B = n_prompts * group_size, groups contiguous) -> advantages [B]. `lengths` [B]:
+        each row's number of valid tokens, required by `group_center_token_whiten_verl` (verl whitens
+        over tokens) and ignored by the other advantages."""
+        return adv_mod.compute(self.advantage, rewards, group_size, lengths=lengths,
                                std_eps=self.std_eps, std_unbiased=self.std_unbiased)
 
     # ------------------------------------------------------------------ loss and coefficients
@@ -150,8 +184,9 @@ class UPGE:
 
         logp, old_logp, mask: [B, T] (or [B] for one-step problems such as bandits); advantages: [B].
         Keywords: is_demo [B] bool, behaviour_logp [B, T], num_items (global token count for
-        `global_token_mean`), num_seqs (global sequence count for the seq_* aggregations),
-        max_length (L of the *_norm aggregations). `old_logp=None` means on-policy (old = sg(logp)).
+        `global_token_mean`), num_seqs (global sequence count S of the seq_* and batch_* aggregations;
+        with `count_empty_rows=False` count the rows that have a valid token), max_length (L of the
+        *_norm aggregations). `old_logp=None` means on-policy (old = sg(logp)).
         """
         t = self._terms(logp, old_logp, advantages, mask, **kw)
         lp = t["logp"]
@@ -209,16 +244,25 @@ class UPGE:
             return value, w, ratio, torch.zeros_like(M)
         base = beh if self.reference == "behaviour" else old
         c = self.log_ratio_clamp
-        log_ratio = (lp_d - base).clamp(-c, c)
+        raw = lp_d - base
+        log_ratio = raw.clamp(-c, c)
+        beyond = M & (raw.abs() > c)  # where a clamp inside autograd (verl) has zero gradient
         if self.reference == "sequence_geometric":
+            # the per-token clamp acts on the stop-gradient sequence mean: no gradient passes through it
             Mf = M.to(lp.dtype)
             seq = (log_ratio * Mf).sum(-1, keepdim=True) / Mf.sum(-1, keepdim=True).clamp(min=1)
+            beyond = torch.zeros_like(M)
+            if self.sequence_log_ratio_max is not None:
+                beyond = M & (seq > self.sequence_log_ratio_max)
+                seq = seq.clamp(max=self.sequence_log_ratio_max)
             log_ratio = seq.expand_as(lp)
         rho = torch.exp(log_ratio)
         lo, hi = 1 - self.eps_low, 1 + self.eps_high
+        zero = (lambda w: torch.where(beyond, torch.zeros_like(w), w)) if self.clamp_gradient == "zero" \
+            else (lambda w: w)
         if self.mask == "none":
-            return -A * rho, A * rho, rho, torch.zeros_like(M)
-        if self.mask == "cispo":
+            return -A * rho, zero(A * rho), rho, torch.zeros_like(M)
+        if self.mask == "cispo":  # the weight is a stop-gradient: the clamp never carries gradient here
             weight = rho.clamp(lo, hi)
             return -weight * A * lp_d, weight * A, rho, (rho < lo) | (rho > hi)
         # PPO-style clip (token or sequence ratio): zero gradient where the ratio left the trust
@@ -230,11 +274,12 @@ class UPGE:
             value = torch.where(A < 0, torch.minimum(value, -self.clip_c * A), value)
             unstable = unstable | capped
         w = torch.where(unstable, torch.zeros_like(rho), A * rho)
-        return value, w, rho, unstable
+        return value, zero(w), rho, unstable
 
     def _aggregation(self, Mf, num_items, num_seqs, max_length) -> Tensor:
         B, T = Mf.shape
-        S = _positive("num_seqs", num_seqs, B)
+        rows = B if self.count_empty_rows else max(int((Mf.sum(-1) > 0).sum()), 1)
+        S = _positive("num_seqs", num_seqs, rows)
         L = _positive("max_length", max_length, self.max_length if self.max_length is not None else T)
         N = _positive("num_items", num_items, None)  # checked even where unused: a bad value is a bug upstream
         name = self.aggregation
@@ -246,10 +291,10 @@ class UPGE:
             out = Mf / (Mf.sum(-1, keepdim=True).clamp(min=1) * S)
         elif name == "seq_mean_token_sum":
             out = Mf / S
-        elif name == "seq_mean_token_sum_norm":
-            out = Mf / L
-        else:  # batch_token_sum_norm
+        elif name in ("seq_mean_token_sum_norm", "batch_token_sum_norm"):
             out = Mf / (S * L)
+        else:  # token_sum_norm
+            out = Mf / L
         return out
 
     def _check_inputs(self, logp, old_logp, advantages, mask, is_demo, behaviour_logp):
@@ -375,7 +420,8 @@ def _add(**kw):
 _add(name="sft", reference="policy", advantage="one", mask="none", aggregation="token_mean",
      in_table1=True, citation="behaviour cloning; TRL SFTTrainer (token mean)")
 _add(name="ppo", reference="old", advantage="given", mask="ppo_clip", aggregation="token_mean",
-     in_table1=True, citation="Schulman et al. 2017; verl vanilla loss, token-mean")
+     in_table1=True, citation="Schulman et al. 2017 (clip only, token mean); verl's default vanilla loss adds "
+     "dual clip: preset('ppo', mask='dual_clip'), clip_c 3")
 _add(name="grpo", reference="old", advantage="group_norm", mask="ppo_clip", aggregation="seq_mean_token_mean",
      in_table1=True, citation="Shao et al. 2024; TRL loss_type='grpo'")
 _add(name="reinforce", reference="policy", advantage="raw", mask="none", aggregation="seq_mean_token_sum",
@@ -403,8 +449,8 @@ _add(name="rloo", reference="policy", advantage="rloo", mask="none", aggregation
 _add(name="hpt_paper", reference="old", advantage="group_norm", mask="ppo_clip",
      aggregation="seq_mean_token_sum", citation="HPT Eq. 11: the RL part of HPT as printed")
 _add(name="hpt_code", reference="old", advantage="group_mean", mask="none",
-     aggregation="seq_mean_token_sum_norm", max_length=8192,
-     citation="HPT released code: no std, no clip, token sum / 8192")
+     aggregation="token_sum_norm", max_length=8192,
+     citation="HPT released code: no std, no clip, token sum / 8192 (no 1/S)")
 
 
 def preset(name: str, **options) -> UPGE:

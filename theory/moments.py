@@ -319,12 +319,22 @@ def _count_advantages(est: UPGE, G: int) -> np.ndarray:
     return out
 
 
+_BATCH_ADVANTAGES = ("group_center_batch_std_trl", "group_center_token_whiten_verl")
+
+
+def _one_step_advantages(est: UPGE, rewards: np.ndarray, G: int) -> torch.Tensor:
+    """est.advantages of one-step rows (one token each: the lengths of verl's token whitening are 1)."""
+    r = torch.from_numpy(np.array(rewards, dtype=np.float64))  # a copy: the input may be a read-only view
+    return est.advantages(r, G, lengths=torch.ones_like(r))
+
+
 def _group_advantages(est: UPGE, R: np.ndarray) -> np.ndarray:
-    """est.advantages of each row of R [M, G] as one prompt's group (batch_norm: one call per group)."""
+    """est.advantages of each row of R [M, G] as one prompt's group (the batch-statistics advantages
+    `_BATCH_ADVANTAGES`: one call per group, a batch of one prompt)."""
     M, G = R.shape
-    if est.advantage == "batch_norm":
-        return np.stack([est.advantages(torch.from_numpy(R[m].copy()), G).numpy() for m in range(M)])
-    return est.advantages(torch.from_numpy(R.reshape(-1).copy()), G).numpy().reshape(M, G)
+    if est.advantage in _BATCH_ADVANTAGES:
+        return np.stack([_one_step_advantages(est, R[m], G).numpy() for m in range(M)])
+    return _one_step_advantages(est, R.reshape(-1), G).numpy().reshape(M, G)
 
 
 # ---------------------------------------------------------------------------------- closed form
@@ -338,7 +348,7 @@ def _closed_form(s: _Setup):
         if s.adv_table is not None:
             A = s.adv_table
         else:
-            A = s.est.advantages(torch.from_numpy(prob.rewards.reshape(-1).copy()), 1).numpy().reshape(X, K)
+            A = _one_step_advantages(s.est, prob.rewards.reshape(-1), 1).numpy().reshape(X, K)
         u = _row_weights(s, np.broadcast_to(acts, (X, K)), A, demo=False)
         n_roll = G - 1 if sc == "mixed" else G
         blocks = [(np.full((X, 1), float(n_roll)), s.sampler[:, None], u[:, None])]
@@ -568,7 +578,8 @@ def sequence_moments(estimator: UPGE, problem, logits, group_size: int, *, old_l
         prob = math.exp(gammaln(G + 1) - gammaln(counts + 1).sum()) * float(np.prod(p_old[idx]))
         if prob == 0.0:
             continue
-        A = estimator.advantages(torch.from_numpy(problem.rewards[idx].copy()), G)
+        A = estimator.advantages(torch.from_numpy(problem.rewards[idx].copy()), G,
+                                 lengths=torch.from_numpy(problem.lengths[idx].astype(np.float64)))
         lp = torch.from_numpy(lp_tok[idx].copy())
         old = None if old_logits is None else torch.from_numpy(old_tok[idx].copy())
         w = estimator.coefficients(lp, old, A, torch.from_numpy(problem.mask[idx].copy())).numpy()

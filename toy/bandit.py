@@ -123,7 +123,11 @@ def _group_loss(est, problem, theta, G, sampling, rng, old_logits, gate, table):
             (a_star,), _ = _draw(rng, problem, x, beta[x], 1)
             return gate.sft_coef * preset("sft").loss(logp_all[[int(a_star)]])
     idx = torch.as_tensor(a)
-    A = torch.as_tensor(np.asarray(table)[x, a]) if table is not None else est.advantages(torch.as_tensor(r), G)
+    if table is not None:
+        A = torch.as_tensor(np.asarray(table)[x, a])
+    else:  # one token per response: the lengths of verl's token-whitened advantage are 1
+        r = torch.as_tensor(r, dtype=torch.float64)
+        A = est.advantages(r, G, lengths=torch.ones_like(r))
     kw = {}
     if demo is not None:
         kw["is_demo"] = demo

@@ -87,7 +87,8 @@ def bnpo(logp, old, A, M, eps_low=0.2, eps_high=0.2, **_):
     return tot / max(n, 1)
 
 
-ppo = bnpo  # verl's vanilla PPO loss with token-mean aggregation is the same formula
+ppo = bnpo  # PPO's clip (Schulman et al. 2017) with a token mean; verl's default vanilla loss adds a dual clip
+# (clip_ratio_c = 3): preset('ppo', mask='dual_clip'), checked in tests/theory/test_estimator.py
 
 
 def dapo(logp, old, A, M, eps_low=0.2, eps_high=0.28, num_items=None, **_):

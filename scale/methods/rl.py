@@ -55,7 +55,9 @@ def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, wit
                             meta={"group": q, "reward": rd, "offline": True}))
     acc = tr.acc
     R_all = acc.gather(torch.tensor([rw.meta["reward"] for rw in rows], dtype=torch.float64, device=acc.device))
-    A_all = tr.terms.rl.advantages(R_all.cpu(), group_size=n)
+    # completion lengths: verl's token-whitened advantage (group_center_token_whiten_verl) weighs by them
+    L_all = acc.gather(torch.tensor([float(rw.n_scored) for rw in rows], dtype=torch.float64, device=acc.device))
+    A_all = tr.terms.rl.advantages(R_all.cpu(), group_size=n, lengths=L_all.cpu())
     lo = acc.process_index * len(rows)
     for rw, a in zip(rows, A_all[lo:lo + len(rows)].tolist()):
         rw.advantage = a

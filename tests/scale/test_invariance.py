@@ -1,7 +1,8 @@
 """The update does not depend on how a global batch is split: 1 process x 1 micro-batch, 1 x 4, and
 2 processes (torchrun, Accelerator(cpu=True), gloo) x 1 and x 2 give the same gradient to 1e-6 (float64
 tiny model), for batches that mix every loss term: RL rows (GRPO's per-sequence mean, LUFFY's global token
-mean with demonstrations, HPT's paper normalisers, Dr. GRPO's constant length), SFT rows (token mean and
+mean with demonstrations, HPT's paper normalisers, Dr. GRPO's constant length, verl's seq-mean-token-sum-norm
+with empty completions left out of S), SFT rows (token mean and
 per-sequence mean), DPO pairs and the entropy bonus.
 
 This file is also the worker: `torchrun --nproc_per_node 2 tests/scale/test_invariance.py WORLD OUT`.
@@ -42,6 +43,9 @@ def _cases(tr):
         adv = rl_estimator("grpo").advantages(rewards, G).tolist()
         for r, a in zip([r for u in units for r in u], adv):
             r.advantage = a
+    # GRPO groups in which some completions have no token (verl's S counts only the others)
+    units_c = [[Row(list(r.input_ids[:r.prompt_len]), r.prompt_len, "rl", advantage=r.advantage) if k == j % G
+                else r for k, r in enumerate(u)] if j % 2 == 0 else u for j, u in enumerate(units_b)]
     sft = [[Row(list(ex["completion"]["input_ids"]), ex["completion"]["prompt_len"], "sft", weight=0.7)]
            for ex in tr.data[8:16]]
     pairs = [[Row(list(ex["chosen"]["input_ids"]), ex["chosen"]["prompt_len"], "chosen", ref_logp=-30.0 - i),
@@ -59,6 +63,9 @@ def _cases(tr):
         ("grpo", units_b, Terms(rl=rl_estimator("grpo")), {}),
         # constant-length normaliser: the completion budget, not the padded micro-batch width (issue 14.1)
         ("dr_grpo", units_b, Terms(rl=rl_estimator("dr_grpo", max_new_tokens=16)), {}),
+        # verl 0.9.1's seq-mean-token-sum-norm with S = rows that have a token (count_empty_rows=False)
+        ("verl_norm_nonempty", units_c, Terms(rl=rl_estimator(
+            "grpo", {"aggregation": "seq_mean_token_sum_norm", "count_empty_rows": False}, max_new_tokens=16)), {}),
     ]
 
 

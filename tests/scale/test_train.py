@@ -241,6 +241,9 @@ def test_constant_length_aggregation_uses_the_completion_budget():
     assert rl_estimator("dr_grpo", {"max_length": 64}, max_new_tokens=16).max_length == 64
     assert rl_estimator("grpo", max_new_tokens=16).max_length is None
     assert rl_estimator("hpt_code", max_new_tokens=16).max_length == 16   # the code's 8192 was its budget
+    assert rl_estimator("hpt_code").aggregation == "token_sum_norm"        # verl's old norm mode: no 1/S
+    for agg in ("seq_mean_token_sum_norm", "token_sum_norm", "batch_token_sum_norm"):  # every *_norm aggregation
+        assert rl_estimator("grpo", {"aggregation": agg}, max_new_tokens=16).max_length == 16
     lp = torch.zeros(2, 40, dtype=torch.float64, requires_grad=True)
     short, long = torch.zeros(2, 40, dtype=torch.bool), torch.zeros(2, 40, dtype=torch.bool)
     short[:, 6:12] = True                      # 6-token prompts
@@ -249,3 +252,57 @@ def test_constant_length_aggregation_uses_the_completion_budget():
     g1 = torch.autograd.grad(est.loss(lp, advantages=A, mask=short), lp)[0]
     g2 = torch.autograd.grad(est.loss(lp, advantages=A, mask=long), lp)[0]
     assert torch.equal(g1[:, 6:12], g2[:, 30:36]) and float(g1[0, 6]) == pytest.approx(-1.0 / (2 * 16))
+
+
+@pytest.mark.parametrize("count_empty_rows", [True, False])
+def test_trainer_counts_rows_as_the_estimator_option_says(count_empty_rows):
+    """A completion with no scored token: S counts it (TRL, verl's trainer) or not (count_empty_rows=False,
+    verl's agg_loss), from the global counts, so one micro-batch or two give the estimator's gradient."""
+    from scale.loss import Row, Terms, collate, local_counts, micro_loss, rl_estimator
+    from theory.estimator import preset
+
+    rows = [Row([1, 2, 3, 4, 5], 2, "rl", advantage=1.0), Row([1, 2], 2, "rl", advantage=-0.5),
+            Row([1, 2, 3, 4], 2, "rl", advantage=0.25), Row([1, 2, 3, 4, 5, 6], 2, "rl", advantage=-1.0)]
+    norms = local_counts(rows)
+    assert (norms["rl_rows"], norms["rl_nonempty_rows"]) == (4.0, 3.0)
+    for agg in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        opts = {"aggregation": agg, "count_empty_rows": count_empty_rows}
+        terms = Terms(rl=rl_estimator("grpo", opts, max_new_tokens=8))
+        mb = collate(rows, 0)
+        g = torch.Generator().manual_seed(0)
+        lp = (-torch.rand(mb["input_ids"].shape, generator=g, dtype=torch.float64)).requires_grad_()
+        ent = torch.zeros_like(lp)
+        whole = micro_loss(lp, ent, mb, terms, norms)[0]
+        want = preset("grpo", max_length=8, **opts).loss(lp, advantages=mb["advantage"], mask=mb["score_mask"])
+        torch.testing.assert_close(whole, want, rtol=1e-14, atol=0)
+        split = 0.0
+        for i in (0, 2):  # two micro-batches (right-padded: a half's columns are the whole's first ones)
+            part = collate(rows[i:i + 2], 0)
+            w = part["input_ids"].shape[1]
+            split = split + micro_loss(lp[i:i + 2, :w], ent[i:i + 2, :w], part, terms, norms)[0]
+        torch.testing.assert_close(split, want, rtol=1e-14, atol=0)
+
+
+def test_rollout_advantages_get_the_completion_lengths():
+    """rollout_rows passes each completion's token count, so verl's token-whitened advantage
+    (group_center_token_whiten_verl) works in the trainer."""
+    from types import SimpleNamespace
+
+    from scale.loss import Terms, rl_estimator
+    from scale.methods.rl import rollout_rows
+    from theory import advantages as adv
+
+    comps = [[7] * k for k in (1, 4, 2, 6, 3, 3)]
+    acc = SimpleNamespace(device="cpu", process_index=0, gather=lambda t: t, reduce=lambda t, op: t)
+    rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    tr = SimpleNamespace(
+        cfg=SimpleNamespace(generation=SimpleNamespace(n=3)), acc=acc,
+        generate=lambda prompts, n: comps, tok=SimpleNamespace(batch_decode=lambda c, **_: ["x"] * len(c)),
+        rewards=lambda *a, **k: rewards,
+        terms=Terms(rl=rl_estimator("grpo", {"advantage": "group_center_token_whiten_verl"})))
+    exs = [{"prompt_ids": [1, 2], "answer": "a"}, {"prompt_ids": [3], "answer": "b"}]
+    rows = rollout_rows(tr, exs, [0, 1], 0, {})
+    want = adv.compute("group_center_token_whiten_verl", torch.tensor(rewards, dtype=torch.float64), 3,
+                       lengths=torch.tensor([1.0, 4.0, 2.0, 6.0, 3.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(torch.tensor([r.advantage for r in rows], dtype=torch.float64), want,
+                               rtol=0, atol=0)

@@ -70,7 +70,8 @@ def upge_formula(est, logp, old, A, M, is_demo):
                 weight = min(max(ratio, 1 - est.eps_low), 1 + est.eps_high)
             agg = {"token_mean": 1 / n_tok, "global_token_mean": 1 / n_tok,
                    "seq_mean_token_mean": 1 / (B * len(rows[i])), "seq_mean_token_sum": 1 / B,
-                   "seq_mean_token_sum_norm": 1 / L, "batch_token_sum_norm": 1 / (B * L)}[est.aggregation]
+                   "seq_mean_token_sum_norm": 1 / (B * L), "batch_token_sum_norm": 1 / (B * L),
+                   "token_sum_norm": 1 / L}[est.aggregation]
             w[i, t] = stable * weight * a * shaping_prime * agg
     return w
 
@@ -134,32 +135,248 @@ def test_clipping_is_active_in_reference_comparisons():
     assert 0.05 < d["clip_fraction"] < 0.95
 
 
-def verl_agg(loss_mat, M, mode, L=None):
-    """verl's agg_loss formulas (docs/ecosystem.md section 2.4), single process, local counts."""
-    Mf = M.to(F64)
-    if mode == "token_mean":
-        return (loss_mat * Mf).sum() / Mf.sum()
-    seq_sum = (loss_mat * Mf).sum(-1)
-    if mode == "seq_mean_token_mean":
-        return (seq_sum / Mf.sum(-1)).mean()
-    if mode == "seq_mean_token_sum":
-        return seq_sum.mean()
-    if mode == "seq_mean_token_sum_norm":
-        return (loss_mat * Mf).sum() / (L or M.shape[1])
+# ------------------------------------------------------------------ verl's and TRL's aggregations, from their source
+# Plain loops written from verl 0.9.1 (PyPI wheel, verl/trainer/ppo/core_algos.py `agg_loss`), the verl of
+# 2026-01-29 (volcengine/verl b178a3cd56f5, the same function before its 2026-02 change) and TRL 1.16.0
+# (trl/trainer/grpo_trainer.py `_compute_loss`): single process (dp_size 1, one process, no accumulation).
+def _valid(M, i):
+    return [t for t in range(M.shape[1]) if M[i, t]]
+
+
+def verl_agg_loss_091(loss_mat, M, mode, global_batch_size=None, batch_num_tokens=None, loss_scale_factor=None):
+    """verl 0.9.1 agg_loss. Without global_batch_size the seq-mean modes divide by the number of rows that
+    have a valid token; seq-mean-token-mean divides each row by (its token count + 1e-8)."""
+    B, T = M.shape
+    if mode == "token-mean":
+        n = batch_num_tokens if batch_num_tokens is not None else sum(len(_valid(M, i)) for i in range(B))
+        return sum(loss_mat[i, t] for i in range(B) for t in _valid(M, i)) / n
+    nonempty = [i for i in range(B) if _valid(M, i)]
+    S = global_batch_size if global_batch_size is not None else len(nonempty)
+    if mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        loss = sum(sum(loss_mat[i, t] for t in _valid(M, i)) for i in nonempty) / S
+        if mode == "seq-mean-token-sum-norm":
+            loss = loss / (loss_scale_factor if loss_scale_factor is not None else T)
+        return loss
+    if mode == "seq-mean-token-mean":
+        return sum(sum(loss_mat[i, t] for t in _valid(M, i)) / (len(_valid(M, i)) + 1e-8) for i in nonempty) / S
     raise AssertionError(mode)
 
 
-@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
-                                  "seq_mean_token_sum_norm"])
-def test_aggregations_match_verl(mode):
-    logp, _, M, _, _ = make_batch(3, 2, 3, 7)
-    A = torch.linspace(-1, 1, 6, dtype=F64)
-    est = UPGE(reference="policy", advantage="given", mask="none", aggregation=mode)
-    loss_mat = -A[:, None] * logp  # the per-token loss of this estimator
-    torch.testing.assert_close(est.loss(logp, advantages=A, mask=M), verl_agg(loss_mat, M, mode))
-    est_L = est.replace(max_length=16)
-    if mode == "seq_mean_token_sum_norm":
-        torch.testing.assert_close(est_L.loss(logp, advantages=A, mask=M), verl_agg(loss_mat, M, mode, L=16))
+def verl_agg_loss_2026_01(loss_mat, M, loss_scale_factor=None):
+    """verl before 2026-02 (b178a3cd56f5), seq-mean-token-sum-norm: every valid token's loss summed, divided
+    by the constant; no sequence count (what the HPT and LUFFY released code compute, docs/hpt.md 6.3)."""
+    B, T = M.shape
+    return sum(loss_mat[i, t] for i in range(B) for t in _valid(M, i)) / (loss_scale_factor or T)
+
+
+def trl_agg_116(loss_mat, M, loss_type, max_completion_length=None, num_items_in_batch=None):
+    """TRL 1.16 _compute_loss aggregation, one process, gradient_accumulation 1: grpo divides each row by
+    max(1, its tokens) and averages over all B rows; bnpo and dapo are token means (dapo's count may be the
+    generation batch's); dr_grpo divides the token sum by B * max_completion_length."""
+    B, T = M.shape
+    tok = [[loss_mat[i, t] for t in _valid(M, i)] for i in range(B)]
+    if loss_type == "grpo":
+        return sum(sum(r) / max(1, len(r)) for r in tok) / B
+    if loss_type in ("bnpo", "dapo"):
+        n = num_items_in_batch if loss_type == "dapo" and num_items_in_batch else max(1, sum(len(r) for r in tok))
+        return sum(sum(r) for r in tok) / n
+    if loss_type == "dr_grpo":
+        return sum(sum(r) for r in tok) / (B * max_completion_length)
+    raise AssertionError(loss_type)
+
+
+def ragged_batch(seed=3, B=6, T=7):
+    """Ragged mask with an empty row (row 2), log-probs and advantages, float64."""
+    logp, _, M, _, _ = make_batch(seed, 2, B // 2, T)
+    M[2] = False
+    M[4, 3:] = False
+    A = torch.linspace(-1, 1, B, dtype=F64)
+    return logp, M, A
+
+
+@pytest.mark.parametrize("count_empty_rows", [True, False])
+@pytest.mark.parametrize("agg,mode", [("token_mean", "token-mean"), ("seq_mean_token_sum", "seq-mean-token-sum"),
+                                      ("seq_mean_token_sum_norm", "seq-mean-token-sum-norm"),
+                                      ("seq_mean_token_mean", "seq-mean-token-mean")])
+def test_aggregations_match_verl_091(agg, mode, count_empty_rows):
+    """ptlab's aggregation == verl 0.9.1 agg_loss, value and gradient, with an empty row. count_empty_rows=False
+    is verl's agg_loss without a global batch size (S = non-empty rows); True is verl's trainer, which passes
+    global_batch_size = all rows. seq-mean-token-mean: verl adds 1e-8 to each row's count (relative 1e-8/L_i)."""
+    logp, M, A = ragged_batch()
+    B = len(A)
+    for L in (None, 16):
+        est = UPGE(reference="policy", advantage="given", mask="none", aggregation=agg, max_length=L,
+                   count_empty_rows=count_empty_rows)
+        loss, g = grad_of(est, logp, advantages=A, mask=M)
+        x = logp.clone().requires_grad_()
+        want = verl_agg_loss_091(-A[:, None] * x, M, mode, global_batch_size=B if count_empty_rows else None,
+                                 loss_scale_factor=L)
+        (g_want,) = torch.autograd.grad(want, x)
+        tol = dict(rtol=2e-8, atol=0) if mode == "seq-mean-token-mean" else dict(rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(loss, want.detach(), **tol)
+        torch.testing.assert_close(g, g_want, **tol)
+
+
+def test_seq_mean_token_sum_norm_divides_by_the_sequence_count_and_token_sum_norm_does_not():
+    """verl 0.9.1's seq-mean-token-sum-norm = token sum / (S L); the pre-2026-02 one (token_sum_norm, the
+    HPT code's) = token sum / L; both against their plain loops, and the first equals TRL's dr_grpo weights."""
+    logp, M, A = ragged_batch()
+    B = len(A)
+    x = logp.clone().requires_grad_()
+    old_mode = verl_agg_loss_2026_01(-A[:, None] * x, M, loss_scale_factor=16)
+    (g_old,) = torch.autograd.grad(old_mode, x)
+    est = UPGE(reference="policy", advantage="given", mask="none", aggregation="token_sum_norm", max_length=16)
+    loss, g = grad_of(est, logp, advantages=A, mask=M)
+    torch.testing.assert_close(loss, old_mode.detach(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(g, g_old, rtol=1e-12, atol=1e-15)
+    new = est.replace(aggregation="seq_mean_token_sum_norm")
+    w_old = est.coefficients(logp, advantages=A, mask=M)
+    torch.testing.assert_close(new.coefficients(logp, advantages=A, mask=M), w_old / B, rtol=1e-15, atol=0)
+    dr = est.replace(aggregation="batch_token_sum_norm")
+    assert torch.equal(new.coefficients(logp, advantages=A, mask=M), dr.coefficients(logp, advantages=A, mask=M))
+    # hpt_code keeps the HPT code's normaliser: a token's weight does not depend on how many rows share the batch
+    hpt = preset("hpt_code")
+    assert hpt.aggregation == "token_sum_norm" and hpt.max_length == 8192
+    w_all = hpt.coefficients(logp, advantages=A, mask=M)
+    torch.testing.assert_close(hpt.coefficients(logp[:3], advantages=A[:3], mask=M[:3]), w_all[:3], rtol=0, atol=0)
+    torch.testing.assert_close(w_all, A[:, None] * M / 8192, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("agg,loss_type", [("seq_mean_token_mean", "grpo"), ("token_mean", "bnpo"),
+                                           ("global_token_mean", "dapo"), ("batch_token_sum_norm", "dr_grpo")])
+def test_aggregations_match_trl_116(agg, loss_type):
+    """ptlab's aggregation == TRL 1.16's loss_type aggregation, value and gradient, empty row included (TRL
+    counts it in B, as count_empty_rows=True does)."""
+    logp, M, A = ragged_batch()
+    est = UPGE(reference="policy", advantage="given", mask="none", aggregation=agg, max_length=16)
+    kw = {"num_items": 40} if agg == "global_token_mean" else {}
+    loss, g = grad_of(est, logp, advantages=A, mask=M, **kw)
+    x = logp.clone().requires_grad_()
+    want = trl_agg_116(-A[:, None] * x, M, loss_type, max_completion_length=16, num_items_in_batch=40)
+    (g_want,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(g, g_want, rtol=1e-12, atol=1e-15)
+
+
+def test_count_empty_rows_option():
+    logp, M, A = ragged_batch()
+    est = preset("grpo", count_empty_rows=False)
+    w = est.coefficients(logp, advantages=A, mask=M)
+    w_all = preset("grpo").coefficients(logp, advantages=A, mask=M)
+    torch.testing.assert_close(w, w_all * 6 / 5, rtol=1e-15, atol=0)      # S = 5 non-empty rows of 6
+    assert torch.equal(est.coefficients(logp, advantages=A, mask=M, num_seqs=6), w_all)  # an explicit S wins
+    none = torch.zeros_like(M)
+    loss, g = grad_of(est, logp, advantages=A, mask=none)  # verl would divide 0 by 0
+    assert float(loss) == 0.0 and bool((g == 0).all())
+
+
+# ------------------------------------------------------------------ verl's policy losses and its log-ratio clamp
+def _loss_matrix(M, per_token):
+    """[B, T] tensor of per_token(i, t) at valid positions (0 elsewhere), keeping autograd."""
+    B, T = M.shape
+    zero = torch.zeros((), dtype=F64)
+    return torch.stack([torch.stack([per_token(i, t) if M[i, t] else zero for t in range(T)]) for i in range(B)])
+
+
+def verl_vanilla_091(x, old, A, M, clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, mode="token-mean", **agg):
+    """verl 0.9.1 compute_policy_loss_vanilla: log-ratio clamped to [-20, 20] inside autograd, PPO clip, and for
+    A < 0 the dual-clip cap min(-A c, .) (clip_ratio_c 3 by default); then agg_loss."""
+    def token(i, t):
+        ratio = torch.exp(torch.clamp(x[i, t] - old[i, t], min=-20.0, max=20.0))
+        clipped = torch.maximum(-A[i] * ratio, -A[i] * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+        return torch.minimum(-A[i] * clip_ratio_c, clipped) if A[i] < 0 else clipped
+    return verl_agg_loss_091(_loss_matrix(M, token), M, mode, **agg)
+
+
+def verl_gspo_091(x, old, A, M, clip_low, clip_high, mode, **agg):
+    """verl 0.9.1 compute_policy_loss_gspo: per row s = sg(mean_t log-ratio) (no per-token clamp); each token
+    carries log s + logp - sg(logp), capped at 10 from above inside autograd; PPO clip on exp of it."""
+    B = M.shape[0]
+    seq = [(sum((x[i, t] - old[i, t] for t in _valid(M, i)), torch.zeros((), dtype=F64))
+            / max(len(_valid(M, i)), 1)).detach() for i in range(B)]
+
+    def token(i, t):
+        s_it = torch.exp(torch.clamp(x[i, t] - x[i, t].detach() + seq[i], max=10.0))
+        return torch.maximum(-A[i] * s_it, -A[i] * torch.clamp(s_it, 1 - clip_low, 1 + clip_high))
+    return verl_agg_loss_091(_loss_matrix(M, token), M, mode, **agg)
+
+
+def test_verl_default_vanilla_loss_is_ppo_with_dual_clip():
+    """verl's default policy loss (vanilla, clip_ratio_c = 3, token-mean) is preset('ppo', mask='dual_clip');
+    with clamp_gradient='zero' also beyond the +-20 clamp. preset('ppo') (clip only, Schulman et al.) is not."""
+    logp, M, A = ragged_batch()
+    g = torch.Generator().manual_seed(11)
+    old = (logp + 0.4 * torch.randn(logp.shape, generator=g, dtype=F64)).clamp(max=0)
+    old[1, 2] = logp[1, 2] - 1.5       # A < 0, ratio e^1.5 > c = 3: the dual-clip cap acts
+    old[0, 0] = logp[0, 0] - 25.0      # ratio beyond e^20
+    old[4, 0] = logp[4, 0] + 25.0      # ratio below e^-20 with A > 0: the one place the clamp's gradient shows
+    x = logp.clone().requires_grad_()
+    want = verl_vanilla_091(x, old, A, M)
+    (g_want,) = torch.autograd.grad(want, x)
+    est = preset("ppo", mask="dual_clip", clamp_gradient="zero")
+    assert est.clip_c == 3.0
+    loss, g_est = grad_of(est, logp, old_logp=old, advantages=A, mask=M)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(g_est, g_want, rtol=1e-12, atol=1e-15)
+    # ptlab's default keeps the clamped ratio's weight beyond the clamp: only token (4, 0) differs, by A e^-20 / N
+    _, g_keep = grad_of(preset("ppo", mask="dual_clip"), logp, old_logp=old, advantages=A, mask=M)
+    diff = (g_keep - g_want).abs()
+    assert float(diff[4, 0]) == pytest.approx(float(A[4]) * math.exp(-20.0) / int(M.sum()), rel=1e-12)
+    diff[4, 0] = 0
+    assert float(diff.max()) < 1e-15
+    # without the dual clip (the old 'verl vanilla' citation of preset ppo) the capped token differs
+    loss_ppo, g_ppo = grad_of(preset("ppo"), logp, old_logp=old, advantages=A, mask=M)
+    assert abs(float(loss_ppo) - float(want.detach())) > 1e-3 and float((g_ppo - g_want).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("agg,mode", [("token_mean", "token-mean"), ("seq_mean_token_sum", "seq-mean-token-sum")])
+def test_verl_gspo_with_its_sequence_cap(agg, mode):
+    """verl 0.9.1 GSPO == preset('gspo', sequence_log_ratio_max=10, clamp_gradient='zero') (verl's agg_loss
+    without a global batch size: count_empty_rows=False); without the cap, a sequence log-ratio above 10
+    changes value and gradient."""
+    logp, M, A = ragged_batch()
+    g = torch.Generator().manual_seed(5)
+    old = logp + 1e-4 * torch.randn(logp.shape, generator=g, dtype=F64)
+    old[0] = logp[0] - 12.0   # A < 0, sequence log-ratio 12 > 10: verl caps it (zero gradient there)
+    old[1] = logp[1] - 5.0    # A < 0, 5 < 10: stable, the gradient flows at ratio e^5
+    est = preset("gspo", aggregation=agg, count_empty_rows=False, sequence_log_ratio_max=10.0, clamp_gradient="zero")
+    x = logp.clone().requires_grad_()
+    want = verl_gspo_091(x, old, A, M, est.eps_low, est.eps_high, mode)
+    (g_want,) = torch.autograd.grad(want, x)
+    loss, g_est = grad_of(est, logp, old_logp=old, advantages=A, mask=M)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(g_est, g_want, rtol=1e-12, atol=1e-15)
+    assert bool((g_want[0] == 0).all()) and float(g_want[1].abs().max()) > 1.0
+    plain = est.replace(sequence_log_ratio_max=None, clamp_gradient="keep")
+    loss_plain, g_plain = grad_of(plain, logp, old_logp=old, advantages=A, mask=M)
+    assert float(loss_plain) - float(want.detach()) > 1.0                      # value: -A e^12 against verl's -A e^10
+    assert float(g_plain[0][M[0]].abs().min()) > 1.0       # ptlab's default: weight A e^12 on row 0
+    torch.testing.assert_close(g_plain[1:], g_want[1:], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["hpt_code", "grpo", "cispo", "gspo", "reinforce"])
+def test_clamp_gradient_zero_drops_exactly_the_clamped_tokens(name):
+    """'zero' == 'keep' except at tokens whose |log-ratio| exceeds the clamp, where w = 0 (ratio references;
+    CISPO's weight is a stop-gradient and a ratio-free reference has no clamp: both unchanged); autograd is
+    still exactly -coefficients."""
+    est = preset(name)
+    logp, old, M, r, _ = make_batch(2, 2, 3, 5, spread=0.3)
+    old[0, 1] = logp[0, 1] - 30.0
+    old[3, 2] = logp[3, 2] + 30.0
+    A = advantages_for(est, r, 3)
+    A[0], A[3] = -1.0, 1.0
+    kw = dict(old_logp=old, advantages=A, mask=M)
+    keep, zero = est.coefficients(logp, **kw), est.replace(clamp_gradient="zero").coefficients(logp, **kw)
+    _, g = grad_of(est.replace(clamp_gradient="zero"), logp, **kw)
+    assert torch.equal(g, -zero)
+    assert torch.equal(est.loss(logp, **kw), est.replace(clamp_gradient="zero").loss(logp, **kw))  # same value
+    if name in ("cispo", "reinforce", "gspo"):  # gspo: the per-token clamp only enters the stop-gradient mean
+        assert torch.equal(keep, zero)
+        return
+    beyond = torch.zeros_like(M)
+    beyond[0, 1] = beyond[3, 2] = True
+    assert bool((zero[beyond] == 0).all()) and bool((keep[beyond] != 0).any())
+    assert torch.equal(keep[~beyond], zero[~beyond])
 
 
 @pytest.mark.parametrize("aggregation", ["global_token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
@@ -203,21 +420,88 @@ def test_advantages_match_loop_references(seed, G, n, real):
 
 
 @given(value=st.floats(-1e6, 1e6, allow_nan=False), G=st.integers(1, 9),
-       name=st.sampled_from(["group_mean", "group_norm", "batch_norm", "rloo"]))
+       name=st.sampled_from(["group_mean", "group_norm", "group_center_batch_std_trl",
+                             "group_center_token_whiten_verl", "rloo"]))
 def test_constant_reward_group_gives_exactly_zero_advantage(value, G, name):
     r = torch.full((2 * G,), value, dtype=F64)
     r[G:] = 0.1  # a second constant group with a value whose mean is inexact in binary
-    a = adv.compute(name, r, G)
-    if name == "rloo" and G == 1:  # no other sample to leave out: baseline 0 (verl's convention)
-        assert torch.equal(a, r)
+    a = adv.compute(name, r, G, lengths=torch.full((2 * G,), 3.0, dtype=F64))
+    if G == 1 and name in ("rloo", "group_center_token_whiten_verl"):  # verl: a singleton's baseline is 0
+        if name == "rloo":
+            assert torch.equal(a, r)
     else:
         assert bool((a == 0).all())
 
 
-def test_batch_norm_uses_batch_std():
-    r = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0], dtype=F64)
-    centred = ref.advantages_group_mean(r, 4)
-    torch.testing.assert_close(adv.compute("batch_norm", r, 4), centred / (centred.std() + 1e-6))
+def trl_scale_rewards_batch_116(rewards, G, eps):
+    """TRL 1.16 GRPOTrainer advantages with scale_rewards="batch" (one reward function, no None): the reward
+    minus its group's mean, divided by (Bessel std of ALL the raw rewards of the batch + eps); a batch of one
+    has std 0."""
+    r = [float(x) for x in rewards]
+    B = len(r)
+    mean_g = [sum(r[(i // G) * G:(i // G + 1) * G]) / G for i in range(B)]
+    m = sum(r) / B
+    std = math.sqrt(sum((x - m) ** 2 for x in r) / B * B / (B - 1)) if B > 1 else 0.0
+    return torch.tensor([(r[i] - mean_g[i]) / (std + eps) for i in range(B)], dtype=F64)
+
+
+def verl_reinforce_pp_baseline_091(rewards, lengths, G, unbiased=True):
+    """verl 0.9.1 compute_reinforce_plus_plus_baseline_outcome_advantage: score minus its group's mean (a group
+    of one: mean 0), copied onto each valid token, then masked_whiten over all valid tokens of the batch
+    (masked_mean divides by count + 1e-8, masked_var is Bessel-corrected, rsqrt(var + 1e-8)); per row, the
+    value of its tokens (0 for a row without tokens)."""
+    B = len(rewards)
+    groups: dict[int, list[float]] = {}
+    for i in range(B):
+        groups.setdefault(i // G, []).append(float(rewards[i]))
+    mean = {k: 0.0 if len(v) == 1 else sum(v) / len(v) for k, v in groups.items()}
+    c = [float(rewards[i]) - mean[i // G] for i in range(B)]
+    tokens = [c[i] for i in range(B) for _ in range(int(lengths[i]))]
+    N = len(tokens)
+    mu = sum(tokens) / (N + 1e-8)
+    var = sum((v - mu) ** 2 for v in tokens) / (N + 1e-8)
+    if unbiased:
+        var = var * N / (N - 1)
+    return torch.tensor([(c[i] - mu) / math.sqrt(var + 1e-8) if lengths[i] > 0 else 0.0 for i in range(B)],
+                        dtype=F64)
+
+
+@given(seed=st.integers(0, 10_000), G=st.integers(1, 5), n=st.integers(1, 4), real=st.booleans(),
+       eps=st.sampled_from([1e-4, 1e-6, 0.0]))
+def test_batch_std_advantage_matches_trl_116(seed, G, n, real, eps):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(n * G, generator=g, dtype=F64) if real else torch.randint(0, 2, (n * G,), generator=g).to(F64)
+    if not bool((r != r[0]).any()) and eps == 0.0:
+        eps = 1e-4  # TRL divides 0 by 0 on a constant batch with eps 0; ptlab returns 0
+    want = trl_scale_rewards_batch_116(r, G, eps)
+    got = adv.compute("group_center_batch_std_trl", r, G, std_eps=eps)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@given(seed=st.integers(0, 10_000), G=st.integers(1, 5), n=st.integers(1, 4), real=st.booleans(),
+       unbiased=st.booleans())
+def test_token_whitened_advantage_matches_verl_091(seed, G, n, real, unbiased):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(n * G, generator=g, dtype=F64) if real else torch.randint(0, 2, (n * G,), generator=g).to(F64)
+    lengths = torch.randint(0, 9, (n * G,), generator=g).to(F64)  # ragged, some rows empty
+    lengths[0] = 2.0
+    want = verl_reinforce_pp_baseline_091(r, lengths, G, unbiased)
+    got = adv.compute("group_center_token_whiten_verl", r, G, lengths=lengths, std_unbiased=unbiased)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_advantages_differ_from_group_norm_and_from_each_other():
+    """The two named batch normalisations are not the same thing: on unequal lengths the token weighting
+    moves the mean; the batch std of raw rewards is not the std of the centred rewards."""
+    r = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0], dtype=F64)
+    lengths = torch.tensor([1.0, 9.0, 2.0, 2.0, 5.0, 1.0, 3.0, 8.0], dtype=F64)
+    trl = adv.compute("group_center_batch_std_trl", r, 4, std_eps=1e-4)
+    verl = adv.compute("group_center_token_whiten_verl", r, 4, lengths=lengths)
+    centred = adv.compute("group_mean", r, 4)
+    torch.testing.assert_close(trl, centred / (r.std() + 1e-4), rtol=1e-15, atol=0)
+    assert float((trl - centred / (centred.std() + 1e-4)).abs().max()) > 1e-2
+    # token mean 0 (up to verl's 1e-8 in the count), row mean not
+    assert abs(float((verl * lengths).sum())) < 1e-7 and abs(float(verl.mean())) > 1e-2
 
 
 # ------------------------------------------------------------------------------------- degenerate inputs
@@ -369,10 +653,12 @@ def test_normalisers_are_validated_and_accept_any_number_type(arg):
 def test_advantages_of_extreme_float32_rewards_are_finite_and_computed_in_float64():
     """float32 rewards near 3e38 gave -inf advantages; a Python list was read as float32."""
     r = torch.tensor([3e38, -3e38, 1e38, 2e38], dtype=torch.float32)
-    for name in ("raw", "group_mean", "group_norm", "batch_norm", "rloo"):
-        a = adv.compute(name, r, 2)
+    lengths = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    for name in ("raw", "group_mean", "group_norm", "group_center_batch_std_trl", "group_center_token_whiten_verl",
+                 "rloo"):
+        a = adv.compute(name, r, 2, lengths=lengths)
         assert a.dtype == F64 and bool(torch.isfinite(a).all()), name
-        torch.testing.assert_close(a, adv.compute(name, r.double(), 2), rtol=0, atol=0)
+        torch.testing.assert_close(a, adv.compute(name, r.double(), 2, lengths=lengths), rtol=0, atol=0)
     listed = adv.compute("group_norm", [0.1, 0.7, 0.3], 3)
     assert listed.dtype == F64
     assert torch.equal(listed, adv.compute("group_norm", torch.tensor([0.1, 0.7, 0.3], dtype=F64), 3))
@@ -389,6 +675,25 @@ def test_more_bad_options_name_the_argument():
     _err(lambda: adv.compute("group_norm", ["a", "b"], 2), "rewards")
     _err(lambda: adv.compute("group_norm", torch.zeros(2), 2, std_unbiased=1), "std_unbiased")
     assert preset("hpt_code", max_length=np.int64(16)).max_length == 16
+    _err(lambda: preset("grpo", clamp_gradient="none"), "clamp_gradient", "keep", "zero")
+    _err(lambda: preset("grpo", count_empty_rows="no"), "count_empty_rows")
+    _err(lambda: preset("grpo", count_empty_rows=None), "count_empty_rows")
+    _err(lambda: preset("grpo", sequence_log_ratio_max=10.0), "sequence_log_ratio_max", "sequence_geometric")
+    for bad in (-1.0, math.inf, math.nan, True, "10"):
+        _err(lambda bad=bad: preset("gspo", sequence_log_ratio_max=bad), "sequence_log_ratio_max")
+    assert preset("gspo", sequence_log_ratio_max=np.int64(10)).sequence_log_ratio_max == 10.0
+    _err(lambda: preset("grpo", aggregation="seq-mean-token-sum-norm"), "aggregation", "token_sum_norm")
+    _err(lambda: preset("grpo", advantage="batch_norm"), "advantage", "group_center_batch_std_trl",
+         "group_center_token_whiten_verl")
+    whiten = "group_center_token_whiten_verl"
+    r4 = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=F64)
+    _err(lambda: adv.compute(whiten, r4, 2), "lengths", whiten)
+    _err(lambda: preset("grpo", advantage=whiten).advantages(r4, 2), "lengths", whiten)
+    _err(lambda: adv.compute(whiten, r4, 2, lengths=torch.ones(3)), "lengths", "[4]")
+    _err(lambda: adv.compute(whiten, r4, 2, lengths=[1.0, -1.0, 2.0, 2.0]), "lengths", ">= 0")
+    _err(lambda: adv.compute(whiten, r4, 2, lengths=[1.0, math.nan, 2.0, 2.0]), "lengths")
+    _err(lambda: adv.compute(whiten, r4, 2, lengths=[1.0, 0.0, 0.0, 0.0]), "lengths", "at least 2")
+    _err(lambda: adv.compute(whiten, r4, 2, lengths=["a"] * 4), "lengths")
     est = preset("grpo")
     logp = -torch.rand(4, 3, dtype=F64)
     _err(lambda: est.loss(logp, advantages=["x"] * 4), "advantages")
