@@ -15,7 +15,7 @@ from pathlib import Path
 def _figures_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("paper_figs"), help="output folder (default paper_figs)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="build only these figures")
-    p.add_argument("--fast", action="store_true", help="skip the figures marked slow (minutes each)")
+    p.add_argument("--fast", action="store_true", help="skip the figures registered as slow (over a minute each)")
     p.add_argument("--list", action="store_true", help="list the registered figures and exit")
 
 

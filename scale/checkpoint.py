@@ -191,9 +191,21 @@ def save_final(acc, policy, model, tok, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        for name in _aliases(model):   # tied weights: one copy (a gathered FSDP state dict no longer shares them)
+            sd.pop(name, None)
         with cleaned_on_failure(tmp, "final model"):  # a full disk: no final.tmp left behind
             model.save_pretrained(tmp, state_dict=sd)
             tok.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     acc.wait_for_everyone()
+
+
+def _aliases(model) -> list[str]:
+    """Names of parameters that are another parameter (tied embeddings), all but the first name of each."""
+    seen, out = set(), []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            out.append(name)
+        seen.add(id(p))
+    return out

@@ -4,22 +4,29 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from scale.config import Config
 
 
 class Generator:
-    def __init__(self, cfg: Config, tok, acc, model_fn, rollouts: bool = True):
-        """`model_fn()` returns the current (unwrapped) Hugging Face model; vLLM serves the rollouts of
-        an on-policy method only (evaluation and off-policy methods sample with hf)."""
-        self.cfg, self.tok, self.acc, self.model_fn = cfg, tok, acc, model_fn
+    def __init__(self, cfg: Config, tok, acc, model_fn, rollouts: bool = True, root_fn=None):
+        """`model_fn()` returns the current (unwrapped) Hugging Face model, `root_fn()` the prepared module
+        (FSDP2: its sharded root); vLLM serves the rollouts of an on-policy method only (evaluation and
+        off-policy methods sample with hf)."""
+        self.cfg, self.tok, self.acc, self.model_fn, self.root_fn = cfg, tok, acc, model_fn, root_fn
         self.vllm = _VllmGenerator(cfg) if cfg.generation.backend == "vllm" and rollouts else None
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int = 0,
                  greedy: bool = False) -> list[list[int]]:
         """n completions per prompt (grouped), each cut after its first EOS (kept)."""
+        with gathered(self.root_fn() if self.root_fn else None, self.acc):
+            return self._generate(prompts, n, max_new_tokens, greedy)
+
+    @torch.no_grad()
+    def _generate(self, prompts, n, max_new_tokens, greedy):
         g = self.cfg.generation
         max_new = max_new_tokens or g.max_new_tokens
         model = self.model_fn()
@@ -53,6 +60,31 @@ class Generator:
             while row and row[-1] == pad:
                 row.pop()
         return row if row else [eos]
+
+
+@contextlib.contextmanager
+def gathered(root, acc):
+    """Under FSDP2, the full parameters for the length of a generation: every sharded unit is gathered once
+    and kept (not re-gathered at each decoding step), then sharded again. `generate` runs the inner model,
+    whose embedding and head belong to the root unit that its forward would otherwise skip (a mix of plain
+    tensors and DTensors). Elsewhere (one process, DDP) nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)] if root is not None else []
+    if not units:
+        yield
+        return
+    root._get_fsdp_state()._lazy_init()   # what the root's first forward does; generate may come first
+    after = acc.state.fsdp_plugin.reshard_after_forward
+    for u in units:
+        u.set_reshard_after_forward(False)
+        u.unshard()
+    try:
+        yield
+    finally:
+        for u in units:
+            u.reshard()
+            u.set_reshard_after_forward(after)
 
 
 class _VllmGenerator:

@@ -98,6 +98,11 @@ class Policy(nn.Module):
         # FSDP's transformer auto-wrap reads the block classes from the top module
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
+    def tie_weights(self, *args, **kwargs):
+        """Passed on to the model: accelerate's FSDP2 loading (`fsdp_cpu_ram_efficient_loading`) re-ties tied
+        embeddings by calling this on the module it prepares; without it lm_head became a separate copy."""
+        return self.model.tie_weights(*args, **kwargs)
+
     def forward(self, input_ids, attention_mask, score_mask, temperature: float = 1.0, with_entropy: bool = True,
                 entropy_grad: bool = True):
         return selected_logprobs(self.hidden(input_ids, attention_mask), self.model.get_output_embeddings(),

@@ -33,7 +33,10 @@ def is_pipeline(path: str | Path) -> bool:
     p = Path(path)
     if not p.is_file():
         return False
-    raw = yaml.safe_load(read_utf8(p, "config"))
+    try:
+        raw = yaml.safe_load(read_utf8(p, "config"))
+    except (yaml.YAMLError, ValueError):   # not for us to report: load_config names the line
+        return False
     return isinstance(raw, dict) and "stages" in raw
 
 

@@ -118,7 +118,10 @@ class Trainer:
             model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
                                                      target_modules=lc.target_modules, task_type="CAUSAL_LM"))
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.2x; the old name warns
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         policy = Policy(model, chunk=r.logprob_chunk)
         params = [p for p in policy.parameters() if p.requires_grad]
@@ -131,7 +134,8 @@ class Trainer:
         self.reference = Reference(self, None if ref is None else ref.to(self.acc.device))
         if method.uses_pairs and cfg.method.dpo.precompute_ref:
             self.reference.precompute(self.pref)
-        self.generator = Generator(cfg, self.tok, self.acc, self._model, rollouts=method.rollouts)
+        self.generator = Generator(cfg, self.tok, self.acc, self._model, rollouts=method.rollouts,
+                                   root_fn=lambda: self.policy)
         self.step, self.stopped_by = 0, 0
         self.out = Path(r.output_dir)
         self._perms: dict = {}
@@ -289,7 +293,9 @@ class Trainer:
             out["kl"] = g["kl_sum"] / (2 * norms["pairs"])
         rows_all = norms["rl_rows"] + norms["sft_rows"] + 2 * norms["pairs"]
         n_off = sum(1.0 for rw in rows if rw.meta.get("offline"))   # demonstrations in an on-policy batch
-        n_off = float(self.acc.reduce(torch.tensor(n_off, device=self.acc.device), "sum"))
+        # float64 on every rank: a rank without offline rows summed the int 0, an int64 tensor (8 bytes) that
+        # gloo met with the other rank's float32 (4 bytes) and aborted (HPT on 2 processes, issue 15)
+        n_off = float(self.acc.reduce(torch.tensor(float(n_off), dtype=torch.float64, device=self.acc.device), "sum"))
         out["offline_ratio"] = n_off / max(rows_all, 1.0) if self.method.rollouts else 0.0
         return out
 
@@ -452,7 +458,8 @@ class StopSignals:
         """The signal number when any process received one, else 0."""
         if acc.num_processes == 1:
             return self.got
-        anyone = acc.reduce(torch.tensor([float(self.got > 0)], device=acc.device), "sum").item() > 0
+        flag = torch.tensor([float(self.got > 0)], dtype=torch.float64, device=acc.device)
+        anyone = acc.reduce(flag, "sum").item() > 0
         return (self.got or int(signal.SIGTERM)) if anyone else 0
 
     def __exit__(self, *exc):

@@ -62,7 +62,7 @@ class HPT(RL):
                 t = e["completion"]
                 out.append(Row(list(t["input_ids"]), t["prompt_len"], "sft", weight=float(beta[q]) * coef,
                                meta={"group": q, "offline": True}))
-        n_sft = tr.acc.reduce(torch.tensor(float((beta > 0).sum()), device=tr.acc.device), "sum")
+        n_sft = tr.acc.reduce(torch.tensor(float((beta > 0).sum()), dtype=torch.float64, device=tr.acc.device), "sum")
         info["sft_prompt_fraction"] = float(n_sft) / self.cfg.run.batch_size
         return out
 

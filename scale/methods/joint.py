@@ -89,5 +89,6 @@ class Joint(Method):
                 mb = tr.collate(mb_rows)
                 lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], with_entropy=False)
                 total += float(micro_loss(lp, ent, mb, terms, norms)[0])
-            vals[key] = float(tr.acc.reduce(torch.tensor(total, device=tr.acc.device), "sum"))
+            t = torch.tensor(float(total), dtype=torch.float64, device=tr.acc.device)
+            vals[key] = float(tr.acc.reduce(t, "sum"))
         return vals
