@@ -9,9 +9,9 @@ complete example (`experiments/examples/reinforce_with_demos.py`).
 
 What a method may use of the trainer it is given (`tr`): `tr.cfg`, `tr.data` / `tr.pref` (tokenised
 examples), `tr.local_indices(step, n, size)`, `tr.generate(prompts, n)`, `tr.rewards(texts, answers,
-examples, when, completion_ids=None, parts=None)`, `tr.gather_advantages(rows)`, `tr.reference`
-(`scale.reference.Reference`), `tr.terms`, `tr.schedule`, `tr.update(rows, extra_norms)`, `tr.acc`
-(accelerate), `tr.opt`, `tr.P` (processes).
+examples, when, completion_ids=None, parts=None)`, `tr.reference` (`scale.reference.Reference`), `tr.terms`,
+`tr.schedule`, `tr.update(rows, extra_norms)`, `tr.fill_old_logps(rows)`, `tr.acc` (accelerate), `tr.opt`,
+`tr.P` (processes); `scale.methods.rl.rollout_rows` samples, grades and sets the advantages of a batch.
 """
 
 from __future__ import annotations
