@@ -76,7 +76,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut (default; as the trainer's rollouts)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    p.add_argument("--reward", default="math", help="math | exact | module:function (default math)")
+    p.add_argument("--reward", nargs="+", default=["math"],
+                   help="math | exact | module:function, or several (summed; default math)")
+    p.add_argument("--reward-weights", nargs="+", type=float, help="one weight per --reward (default all 1)")
     p.add_argument("--chat-template", action="store_true", help="wrap text prompts as a user message")
     p.add_argument("--limit", type=int, help="evaluate only the first LIMIT prompts")
     p.add_argument("--seed", type=int, default=0)
@@ -87,9 +89,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _eval_run(a: argparse.Namespace) -> int:
     from scale.evaluate import evaluate
 
+    reward = a.reward if len(a.reward) > 1 else a.reward[0]
     r = evaluate(a.model, a.data, n=a.n, ks=a.k, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                 max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, reward=a.reward,
-                 chat_template=a.chat_template, limit=a.limit, seed=a.seed, out=a.out, samples=a.samples)
+                 max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, reward=reward,
+                 reward_weights=a.reward_weights, chat_template=a.chat_template, limit=a.limit, seed=a.seed, out=a.out, samples=a.samples)
     print(json.dumps({"num_prompts": r["num_prompts"], "n": r["n"], **r["metrics"]}))
     print(f"[ptlab eval] results written to {a.out}")
     return 0

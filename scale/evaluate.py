@@ -182,7 +182,8 @@ def _load_model(model, tokenizer):
 def evaluate(model, data: str | Path, *, tokenizer=None, n: int = 1, ks: list[int] | None = None,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
              batch_size: int = 8,
-             reward: str = "math", threshold: float = 0.5, chat_template: bool = False, limit: int | None = None,
+             reward: str | list = "math", reward_weights: list[float] | None = None, threshold: float = 0.5,
+             chat_template: bool = False, limit: int | None = None,
              seed: int = 0, out: str | Path | None = None, samples: str | Path | None = None) -> dict:
     """Sample, grade and score a benchmark; returns the results dict (written to `out` if given).
 
@@ -196,7 +197,7 @@ def evaluate(model, data: str | Path, *, tokenizer=None, n: int = 1, ks: list[in
     ks = sorted(set(ks or [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]))
     if any(not 1 <= k <= n for k in ks):
         raise ValueError(f"ks: expected values in 1..n={n}, got {ks}")
-    reward_fn = load_rewards(reward, key="reward")
+    reward_fn = load_rewards(reward, reward_weights, key="reward")
     model, tokenizer = _load_model(model, tokenizer)
     rows = load_benchmark(data, tokenizer, chat_template=chat_template, limit=limit)
     if rows:
@@ -214,7 +215,8 @@ def evaluate(model, data: str | Path, *, tokenizer=None, n: int = 1, ks: list[in
         del p["rewards"]
     results = {"model": str(getattr(model, "name_or_path", "")), "data": str(data), "num_prompts": len(rows),
                "n": n, "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
-               "reward": reward if isinstance(reward, str) else reward_fn.__name__,
+               "reward": reward if isinstance(reward, (str, list)) else reward_fn.__name__,
+               **({"reward_weights": list(reward_weights)} if reward_weights else {}),
                "threshold": threshold, "seed": seed, "seconds": time.perf_counter() - t0,
                "metrics": metrics, "per_prompt": per_prompt}
     if out is not None:

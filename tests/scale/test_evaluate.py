@@ -155,3 +155,14 @@ def test_cli_eval_end_to_end(tmp_path, tiny, capsys):
     assert "model: cannot load 'no-such-org/no-model'" in capsys.readouterr().err
     assert main(["eval", str(tiny), str(f), "--n", "2", "--k", "3", "--out", str(out)]) == 2
     assert "ks" in capsys.readouterr().err
+    # several rewards with weights: exact match weighted 0, a reward of 1 for anything weighted 1
+    ones = ["--reward", "exact", "tests.scale.test_evaluate:always_one", "--reward-weights", "0", "1"]
+    assert main(["eval", str(tiny), str(f), "--n", "2", "--max-new-tokens", "4", "--out", str(out), *ones]) == 0
+    res = json.loads(out.read_text())
+    assert res["metrics"]["avg@2"] == 1.0 and res["reward_weights"] == [0.0, 1.0]
+    assert main(["eval", str(tiny), str(f), "--out", str(out), *ones[:-1]]) == 2
+    assert "reward_weights" in capsys.readouterr().err
+
+
+def always_one(completions, **_):
+    return [1.0] * len(completions)
