@@ -92,7 +92,8 @@ def _eval_run(a: argparse.Namespace) -> int:
     reward = a.reward if len(a.reward) > 1 else a.reward[0]
     r = evaluate(a.model, a.data, n=a.n, ks=a.k, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                  max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, reward=reward,
-                 reward_weights=a.reward_weights, chat_template=a.chat_template, limit=a.limit, seed=a.seed, out=a.out, samples=a.samples)
+                 reward_weights=a.reward_weights, chat_template=a.chat_template, limit=a.limit, seed=a.seed,
+                 out=a.out, samples=a.samples)
     print(json.dumps({"num_prompts": r["num_prompts"], "n": r["n"], **r["metrics"]}))
     print(f"[ptlab eval] results written to {a.out}")
     return 0
