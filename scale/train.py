@@ -273,9 +273,13 @@ class Trainer:
             self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        vec = torch.tensor([total, tokens] + [stats[k] for k in STAT_KEYS], dtype=torch.float64, device=self.acc.device)
+        n_off = sum(1.0 for rw in rows if rw.meta.get("offline"))   # demonstrations in an on-policy batch
+        # one float64 all-reduce for every sum (the offline count once went alone, and an int 0 on one rank met a
+        # float on the other: gloo aborted, HPT on 2 processes)
+        vec = torch.tensor([total, tokens, n_off] + [stats[k] for k in STAT_KEYS], dtype=torch.float64,
+                           device=self.acc.device)
         vec = self.acc.reduce(vec, "sum").tolist()
-        g = dict(zip(["loss", "tokens", *STAT_KEYS], vec))
+        g = dict(zip(["loss", "tokens", "offline_rows", *STAT_KEYS], vec))
         out = {"loss": g["loss"], "grad_norm": gn, "skipped": float(skipped), "lr": self.sched.get_last_lr()[0],
                "tokens": g["tokens"]}
         at = max(norms["all_tokens"], 1.0)
@@ -292,11 +296,7 @@ class Trainer:
             out["dpo_margin"] = g["dpo_margin_sum"] / norms["pairs"]
             out["kl"] = g["kl_sum"] / (2 * norms["pairs"])
         rows_all = norms["rl_rows"] + norms["sft_rows"] + 2 * norms["pairs"]
-        n_off = sum(1.0 for rw in rows if rw.meta.get("offline"))   # demonstrations in an on-policy batch
-        # float64 on every rank: a rank without offline rows summed the int 0, an int64 tensor (8 bytes) that
-        # gloo met with the other rank's float32 (4 bytes) and aborted (HPT on 2 processes, issue 15)
-        n_off = float(self.acc.reduce(torch.tensor(float(n_off), dtype=torch.float64, device=self.acc.device), "sum"))
-        out["offline_ratio"] = n_off / max(rows_all, 1.0) if self.method.rollouts else 0.0
+        out["offline_ratio"] = g["offline_rows"] / max(rows_all, 1.0) if self.method.rollouts else 0.0
         return out
 
     def train_step(self, step: int) -> dict:

@@ -40,19 +40,11 @@ def test_reference_check_detects_a_wrong_estimator():
 def test_fast_skips_slow_figures_and_the_index_keeps_earlier_rows(tmp_path, monkeypatch):
     """`--fast` leaves slow figures out; a later `--only` run refreshes its row and keeps the others."""
     from experiments import registry
-    from experiments.registry import FigureResult
+    from tests.experiments.conftest import stub_build
 
     calls = []
-
-    def fake(name):
-        def build(out):
-            calls.append(name)
-            (out / f"{name}.md").write_text(name)
-            return FigureResult(files=[f"{name}.md"], caption=name, held="n/a", finding=name)
-        return build
-
-    figs = {"quick": registry.Figure("quick", "r", fake("quick")),
-            "long": registry.Figure("long", "r", fake("long"), slow=True)}
+    figs = {"quick": registry.Figure("quick", "r", stub_build("quick", calls)),
+            "long": registry.Figure("long", "r", stub_build("long", calls), slow=True)}
     monkeypatch.setattr(registry, "discover", lambda: figs)
     assert registry.run_figures(tmp_path, include_slow=False) == ["quick"]
     assert registry.run_figures(tmp_path, only=["long"]) == ["long"]

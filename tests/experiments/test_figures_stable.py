@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from experiments import cli, registry
-from experiments.registry import FigureResult
+from tests.experiments.conftest import stub_build
 
 SLOW = {"projection_target_loss", "datareg_sft"}  # over 60 s each (registry docstring, 'Slow figures')
 PAPER_FIGS = Path(__file__).resolve().parents[2] / "paper_figs"
@@ -27,18 +27,12 @@ def test_fast_runs_every_fast_figure_and_never_a_slow_one(tmp_path, monkeypatch)
     figs = registry.discover()
     ran = []
 
-    def stub(name):
-        def build(out):
-            ran.append(name)
-            (out / f"{name}.md").write_text(name)
-            return FigureResult(files=[f"{name}.md"], caption=name, held="n/a", finding=name)
-        return build
-
     def must_not_run(out):
         raise AssertionError("--fast ran a slow figure")
 
     for name, fig in figs.items():
-        monkeypatch.setitem(figs, name, dataclasses.replace(fig, build=must_not_run if fig.slow else stub(name)))
+        build = must_not_run if fig.slow else stub_build(name, ran)
+        monkeypatch.setitem(figs, name, dataclasses.replace(fig, build=build))
     assert cli.main(["figures", "--fast", "--out", str(tmp_path)]) == 0
     assert sorted(ran) == sorted(set(figs) - SLOW)
     assert sorted(p.stem for p in (tmp_path / "meta").glob("*.json")) == sorted(ran)
