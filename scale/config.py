@@ -233,6 +233,8 @@ class EvalSet:
     kind: str = "generate"            # generate (prompt, answer) | sft (prompt, completion) |
     #                                   dpo (prompt, chosen, rejected)
     limit: int = 0                    # first `limit` rows (0: all)
+    every: int = -1                   # this set's own interval (-1: eval.every; 0: only at the end), e.g.
+    #                                   a small probe set evaluated more often than the full test set
 
 
 @dataclass
@@ -327,7 +329,7 @@ RANGES: dict[type, dict[str, Range]] = {
     DataRegConfig: {"k": NON_NEGATIVE, "fraction": FRACTION, "filter_frac": UNIT, "sketch_rank": AT_LEAST_1,
                     "seed": SEED},
     DataregConfig: {"target_batch_size": AT_LEAST_1},
-    EvalSet: {"limit": NON_NEGATIVE},
+    EvalSet: {"limit": NON_NEGATIVE, "every": Range(-1)},
     EvalConfig: {"every": NON_NEGATIVE, "n": AT_LEAST_1, "ks": AT_LEAST_1, "max_new_tokens": NON_NEGATIVE,
                  "batch_size": AT_LEAST_1},
 }
