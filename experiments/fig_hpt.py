@@ -236,7 +236,7 @@ def hpt_main_table(out: Path) -> FigureResult:
     lines = ["| method | " + " | ".join(cols) + " | all | MACRO (mean [95% CI]) | MACRO minus HPT (code), per seed |",
              "|---" * (len(cols) + 4) + "|"]
     for meth in (*METHODS, REFERENCE):
-        cells = [f"{np.mean(per_seed(m, meth, lambda r, c=c: final(r, KEY.format(c))).values()):.3f}"
+        cells = [f"{np.mean(list(per_seed(m, meth, lambda r, c=c: final(r, KEY.format(c))).values())):.3f}"
                  for c in cols]
         allv = np.mean(list(per_seed(m, meth, lambda r: final(r, "eval/test/avg@8")).values()))
         diffs = [scores[meth][s] - scores[MAIN][s] for s in sorted(scores[meth])]
@@ -383,7 +383,7 @@ def hpt_heatmaps(out: Path) -> FigureResult:
     bounds = [k for k in range(1, len(levels)) if levels[k] != levels[k - 1]]
     for ax in axes:
         for b in bounds:
-            ax.axhline(b - 0.5, color="white", linewidth=0.8)
+            ax.axhline(b - 0.5, color="0.4", linewidth=0.8)
     axes[0].set(yticks=[(a + b) / 2 for a, b in zip([0, *bounds], [*bounds, len(levels)])],
                 yticklabels=[f"L{lv}" for lv in sorted(set(levels))], ylabel="probe problem (16 per level)")
     save_figure(fig, out / "hpt_heatmaps.png", dpi=110, bbox_inches="tight")
