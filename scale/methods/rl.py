@@ -13,15 +13,15 @@ from scale.loss import Row, Terms, rl_estimator
 from scale.methods import Method, register
 
 
-def rl_preset(cfg, name: str):
-    """The estimator preset `name` with method.rl.estimator_options, in the trainer's aggregation
-    (`scale.loss.rl_estimator`); errors name the config key."""
+def rl_preset(cfg, name: str, **fixed):
+    """The estimator preset `name` with method.rl.estimator_options (and the method's own `fixed` options), in
+    the trainer's aggregation (`scale.loss.rl_estimator`); errors name the config key."""
     from theory.estimator import PRESETS
 
     if name not in PRESETS:
         raise ValueError(f"method.rl.estimator: unknown preset {name!r}; valid: {sorted(PRESETS)}")
     try:
-        return rl_estimator(name, cfg.method.rl.estimator_options, cfg.generation.max_new_tokens)
+        return rl_estimator(name, {**cfg.method.rl.estimator_options, **fixed}, cfg.generation.max_new_tokens)
     except (ValueError, TypeError) as e:
         raise ValueError(f"method.rl.estimator_options (preset {name!r}): {e}") from None
 
@@ -47,12 +47,7 @@ def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, wit
             rows.append(Row(e["prompt_ids"] + c, len(e["prompt_ids"]), "rl",
                             meta={"group": q, "reward": rewards[q * n_gen + k]}))
         if with_demo:
-            t = e["completion"]
-            demo_text = tr.tok.decode(t["input_ids"][t["prompt_len"]:], skip_special_tokens=True)
-            rd = tr.rewards([demo_text], [e["answer"]], [idx[q]], f"step {step + 1}",
-                            completion_ids=[list(t["input_ids"][t["prompt_len"]:])])[0]
-            rows.append(Row(list(t["input_ids"]), t["prompt_len"], "demo",
-                            meta={"group": q, "reward": rd, "offline": True}))
+            rows.append(demo_row(tr, e, idx[q], step, group=q))
     acc = tr.acc
     R_all = acc.gather(torch.tensor([rw.meta["reward"] for rw in rows], dtype=torch.float64, device=acc.device))
     # completion lengths: verl's token-whitened advantage (group_center_token_whiten_verl) weighs by them
@@ -73,6 +68,15 @@ def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, wit
         info.update({f"rewards/{name}/mean": s[2 * j] / s[2 * j + 1] for j, name in enumerate(parts)
                      if s[2 * j + 1]})
     return rows
+
+
+def demo_row(tr, e: dict, i: int, step: int, **meta) -> Row:
+    """The example's demonstration as a `demo` row, graded by the reward like a rollout (meta: its reward)."""
+    t = e["completion"]
+    completion = list(t["input_ids"][t["prompt_len"]:])
+    text = tr.tok.decode(completion, skip_special_tokens=True)
+    reward = tr.rewards([text], [e["answer"]], [i], f"step {step + 1}", completion_ids=[completion])[0]
+    return Row(list(t["input_ids"]), t["prompt_len"], "demo", meta={**meta, "reward": reward, "offline": True})
 
 
 @register("rl")
@@ -103,14 +107,14 @@ class RL(Method):
     def rows(self, tr, step, info):
         idx = tr.local_indices(step, len(tr.data), self.cfg.run.batch_size)
         exs = [tr.data[i] for i in idx]
-        rows = self.select(tr, rollout_rows(tr, exs, idx, step, info, self.with_demo), exs, info)
+        rows = self.select(tr, rollout_rows(tr, exs, idx, step, info, self.with_demo), exs, info, idx=idx, step=step)
         if tr.terms.kl_coef:
             for rw, lp in zip(rows, tr.reference.token_logps(rows)):
                 rw.ref_token_logp = lp.tolist()
         return rows
 
-    def select(self, tr, rows: list[Row], exs: list[dict], info: dict) -> list[Row]:
-        """The rows that train (HPT's gate overrides this); all of them here."""
+    def select(self, tr, rows: list[Row], exs: list[dict], info: dict, idx=None, step: int = 0) -> list[Row]:
+        """The rows that train (HPT's gate overrides this); all of them here. idx: the examples' data indices."""
         return rows
 
     def extra_norms(self, prompts: int, tr) -> dict | None:

@@ -65,6 +65,21 @@ def test_gate_verdict():
     assert fh.gate_verdict(r | {0.25: {1: 0.3, 2: 0.15}}, s | {0.25: {1: 0.9, 2: 0.9}})[0] == "no"
 
 
+def test_batch_sfmse_equals_the_moments_own_for_its_target():
+    """The figure's batch scale-free MSE, given a Moments' own target, is Moments.batch_scale_free_mse."""
+    from theory.estimator import preset
+    from theory.moments import exact_moments
+    from toy.bandit import make_problem
+
+    prob, theta = make_problem(3, 5, difficulty=[0.3, 0.6, 0.9], seed=1)
+    m = exact_moments(preset("grpo"), prob, theta, 4)
+    for batch in (1, 16):
+        assert fh.batch_sfmse(m.mean, m.variance, m.target, batch) == pytest.approx(m.batch_scale_free_mse(batch),
+                                                                                    rel=1e-12)
+    assert fh.spearman({"a": 1, "b": 2, "c": 3}, {"a": 10, "b": 20, "c": 30}) == pytest.approx(1.0)
+    assert fh.spearman({"a": 1, "b": 2, "c": 3}, {"a": 30, "b": 20, "c": 10}) == pytest.approx(-1.0)
+
+
 def test_readers():
     rows = [{"step": 0, "eval/test/middle/avg@8": 0.2, "eval/test/hard/avg@8": 0.0},
             {"step": 1, "loss": 1.0, "entropy": 2.0}, {"step": 2, "loss": 1.0, "entropy": 4.0},
@@ -81,7 +96,7 @@ def test_readers():
 def _synthetic(tmp_path) -> dict:
     """Runs shaped like the sweep's (metrics, eval records, pass@k results), drawn at random."""
     rng = random.Random(0)
-    variants = [*fh.METHODS, fh.REFERENCE, *fh.GATE.values()]
+    variants = [*fh.METHODS, fh.REFERENCE, *fh.GATE.values(), *fh.TABLE5.values()]
     metrics, dirs = {}, {}
     for v in dict.fromkeys(variants):
         for s in (1, 2, 3):
@@ -109,7 +124,8 @@ def _synthetic(tmp_path) -> dict:
 
 
 @pytest.mark.parametrize("name", ["hpt_main_table", "hpt_exclusive", "hpt_passk", "hpt_heatmaps",
-                                  "hpt_validation", "hpt_dynamics", "hpt_gate"])
+                                  "hpt_validation", "hpt_dynamics", "hpt_gate", "hpt_table5",
+                                  "hpt_theory_practice"])
 def test_every_figure_builds_from_synthetic_runs(tmp_path, monkeypatch, name):
     from experiments.registry import FIGURES
 
