@@ -96,7 +96,7 @@ def test_readers():
 def _synthetic(tmp_path) -> dict:
     """Runs shaped like the sweep's (metrics, eval records, pass@k results), drawn at random."""
     rng = random.Random(0)
-    variants = [*fh.METHODS, fh.REFERENCE, *fh.GATE.values(), *fh.TABLE5.values()]
+    variants = [*fh.METHODS, *fh.GATE.values(), *fh.TABLE5.values()]
     metrics, dirs = {}, {}
     for v in dict.fromkeys(variants):
         for s in (1, 2, 3):
