@@ -51,9 +51,7 @@ class TrainerHook:
 
     def _engine(self) -> DataReg:
         if self.engine is None:
-            kind = self.tr.acc.distributed_type.name
-            if kind not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU"):
-                raise ValueError(f"datareg: supported under DDP or one process, not {kind}")
+            # the engine kind was checked before the model loaded (scale.train.check_engine)
             keys = [f.name for f in dataclasses.fields(DataRegConfig)]
             model = self.tr._model()
             head = model.get_output_embeddings()

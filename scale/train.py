@@ -101,6 +101,7 @@ class Trainer:
             raise ValueError(f"run.batch_size: {r.batch_size} is not divisible by the {self.P} processes")
         if (r.batch_size // self.P) % cfg.method.rl.mini_batches:
             raise ValueError(f"method.rl.mini_batches: must divide the per-process batch {r.batch_size // self.P}")
+        check_engine(self.acc, cfg)
         self._deepspeed_fixups()
         if cfg.model.dtype in ("bfloat16", "float16") and not cfg.model.lora.enabled and self.acc.is_main_process:
             print(f"ptlab train: warning: model.dtype={cfg.model.dtype} trains half-precision weights with no float32 "
@@ -131,7 +132,9 @@ class Trainer:
         self.sched = _lr_schedule(self.opt, r, r.max_steps * self.updates_per_step)
         self.policy, self.opt = self.acc.prepare(policy, self.opt)
         self.acc.register_for_checkpointing(self.sched)  # stepped by us: once per update, any process count
-        self.reference = Reference(self, None if ref is None else ref.to(self.acc.device))
+        if ref is not None:
+            ref = self._frozen_engine(ref) if self._zero3() else ref.to(self.acc.device)
+        self.reference = Reference(self, ref)
         if method.uses_pairs and cfg.method.dpo.precompute_ref:
             self.reference.precompute(self.pref)
         self.generator = Generator(cfg, self.tok, self.acc, self._model, rollouts=method.rollouts,
@@ -153,20 +156,41 @@ class Trainer:
         return loaded("the model", path, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=self._dtype()), key)
 
     def _make_reference(self, model):
-        ref = self._load_model(self.cfg.model.ref_path, "model.ref_path") if self.cfg.model.ref_path else \
-            copy.deepcopy(model)
+        m = self.cfg.model
+        if m.ref_path or self._zero3():   # ZeRO-3 loads partitioned weights: a copy would copy empty shards
+            ref = self._load_model(m.ref_path or m.path, "model.ref_path" if m.ref_path else "model.path")
+        else:
+            ref = copy.deepcopy(model)
         ref.requires_grad_(False)
         return Policy(ref.eval(), chunk=self.cfg.run.logprob_chunk)
+
+    def _zero3(self) -> bool:
+        plugin = getattr(self.acc.state, "deepspeed_plugin", None)
+        return plugin is not None and plugin.zero_stage == 3
+
+    def _frozen_engine(self, ref):
+        """Under ZeRO-3 the reference gets its own DeepSpeed engine without an optimizer (as TRL and verl do):
+        its parameters stay partitioned and its forward gathers them as the policy's does."""
+        import deepspeed
+
+        ds = copy.deepcopy(self.acc.state.deepspeed_plugin.deepspeed_config)
+        engine, *_ = deepspeed.initialize(model=ref, config=ds)
+        engine.eval()   # DeepSpeedEngine.eval returns None, not the module
+        return engine
 
     def _deepspeed_fixups(self):
         plugin = getattr(self.acc.state, "deepspeed_plugin", None)
         if plugin is None:
             return
-        # Untested here (no GPU): our micro-batches vary in size, DeepSpeed only needs a number.
-        ds = plugin.deepspeed_config
+        # Our micro-batches vary in size; DeepSpeed only needs consistent numbers for its bookkeeping.
+        ds, r = plugin.deepspeed_config, self.cfg.run
         if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
             ds["train_micro_batch_size_per_gpu"] = 1
-        ds["gradient_accumulation_steps"] = self.cfg.run.grad_accum
+        ds["gradient_accumulation_steps"] = r.grad_accum
+        ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * r.grad_accum * self.P
+        # DeepSpeed clips inside its own step (accelerate's clip_grad_norm_ does nothing there): run.max_grad_norm
+        # goes into its config, 0 = no clipping as in ptlab
+        ds["gradient_clipping"] = float(r.max_grad_norm)
 
     def _model(self):
         return self.acc.unwrap_model(self.policy).model
@@ -398,6 +422,31 @@ class Trainer:
     def save_model(self, path: Path):
         """The final model as a Hugging Face folder (an adapter under LoRA), written then renamed."""
         ckpt.save_final(self.acc, self.policy, self._model(), self.tok, path)
+
+
+def check_engine(acc, cfg) -> None:
+    """The engine accelerate built is the one asked for, and supports what the config uses (ValueError naming
+    the key), before the model loads. accelerate falls back to DDP without a word when its FSDP / DeepSpeed
+    config meets CPU processes, and a launch whose processes found no common backend trains each rank alone."""
+    import os
+
+    kind = acc.distributed_type.name
+    for var, want in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if os.environ.get(var, "false").lower() == "true" and kind != want:
+            raise ValueError(f"run.cpu: the accelerate config asks for {want} but accelerate built {kind}, as it does "
+                             "for CPU processes (run.cpu=true); FSDP and DeepSpeed need GPUs (README, multi-GPU)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and acc.num_processes != world:
+        raise ValueError(f"run.cpu: {world} processes were launched but accelerate sees {acc.num_processes}: on a "
+                         "machine without GPUs use run.cpu=true (gloo), or launch on GPUs")
+    if kind == "DEEPSPEED" and cfg.run.skip_grad_norm > 0:
+        raise ValueError("run.skip_grad_norm: not available under DeepSpeed, whose optimizer step runs inside its "
+                         "backward; use run.max_grad_norm (clipping) or another engine")
+    if cfg.datareg.update_rule != "full" and kind not in DATAREG_ENGINES:
+        raise ValueError(f"datareg.update_rule: supported under DDP or one process, not {kind}")
+
+
+DATAREG_ENGINES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU")
 
 
 def _fused_adamw(acc, params) -> bool | None:

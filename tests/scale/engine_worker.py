@@ -1,9 +1,14 @@
 """Worker for the engine tests: `torchrun --nproc_per_node N tests/scale/engine_worker.py ENGINE OVERRIDES_JSON`.
 
-ENGINE: ddp (accelerate's CPU path) or fsdp2. accelerate takes its FSDP path only for GPU-like process types;
-this test-only shim marks the CPU process group as such before the Accelerator is built, then builds the
-FSDP2 plugin from the shipped scale/accelerate_configs/fsdp2.yaml, so the trainer runs the real FSDP2 code
-(torch's fully_shard over gloo) on CPU processes.
+ENGINE: ddp (accelerate's CPU path), fsdp2, zero2 or zero3. accelerate takes its FSDP and DeepSpeed paths only
+for GPU-like process types. For FSDP2 this test-only shim marks the CPU process group as such before the
+Accelerator is built, then builds the FSDP2 plugin from the shipped scale/accelerate_configs/fsdp2.yaml, so
+the trainer runs the real FSDP2 code (torch's fully_shard over gloo) on CPU processes. For ZeRO-2/3 it sets
+the variables `accelerate launch --config_file scale/accelerate_configs/zero{2,3}.yaml` sets, selects
+DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu: gloo, no compiled ops) and builds the Accelerator without
+`cpu=True` (accelerate's DeepSpeed branch is skipped under that flag) on a gloo process group (without a
+GPU accelerate would pick no backend and each rank would think it is alone); written against accelerate
+1.15 and deepspeed 0.19.8.
 """
 
 from __future__ import annotations
@@ -33,11 +38,35 @@ def fsdp2_accelerator():
     return Accelerator(cpu=True)
 
 
+def deepspeed_accelerator(stage: int):
+    """The Accelerator `accelerate launch --config_file scale/accelerate_configs/zero{stage}.yaml` would build
+    (without its mixed precision: the tests compare float32 runs)."""
+    import os
+
+    import yaml
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+
+    shipped = yaml.safe_load((ROOT / "scale" / "accelerate_configs" / f"zero{stage}.yaml").read_text())
+    ds = shipped["deepspeed_config"]
+    os.environ.update({"DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "true",
+                       "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(ds["zero_stage"]),
+                       "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ds["offload_optimizer_device"],
+                       "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ds["offload_param_device"]})
+    for key in ("zero3_init_flag", "zero3_save_16bit_model"):
+        if key in ds:
+            name = "ZERO3_INIT" if key == "zero3_init_flag" else "ZERO3_SAVE_16BIT_MODEL"
+            os.environ[f"ACCELERATE_DEEPSPEED_{name}"] = str(ds[key]).lower()
+    PartialState(backend="gloo")   # the shim: without a GPU and without cpu=True accelerate picks no backend
+    return Accelerator()
+
+
 def main(engine: str, overrides: list[str]) -> None:
     from scale.config import load_config
     from scale.train import Trainer, _end_distributed
 
-    acc = fsdp2_accelerator() if engine == "fsdp2" else None
+    acc = fsdp2_accelerator() if engine == "fsdp2" else \
+        deepspeed_accelerator(int(engine[-1])) if engine.startswith("zero") else None
     tr = Trainer(load_config(None, overrides), accelerator=acc)
     try:
         tr.train()
