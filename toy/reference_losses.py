@@ -175,6 +175,18 @@ def luffy(logp, old, A, M, is_demo, eps_low=0.2, eps_high=0.2, gamma=0.1, **_):
     return _mixed(logp, old, A, M, is_demo, shaped, eps_low, eps_high, False)
 
 
+def sapo(logp, old, A, M, tau_pos=1.0, tau_neg=1.05, **_):
+    """SAPO (arXiv 2511.20347; TRL loss_type='sapo', verl 'sapo'): per token -A * (4 / tau) *
+    sigmoid(tau (rho - 1)), tau = tau_pos if A > 0 else tau_neg; (1/B) sum_i (1/|o_i|) sum_t."""
+    total = torch.zeros((), dtype=logp.dtype)
+    for i, r in enumerate(_rows(M)):
+        tau = tau_pos if float(A[i]) > 0 else tau_neg
+        if r:
+            total = total + sum(-A[i] * 4 / tau * torch.sigmoid(tau * (torch.exp(logp[i, t] - old[i, t]) - 1))
+                                for t in r) / len(r)
+    return total / M.shape[0]
+
+
 REFERENCES = {"sft": sft, "ppo": ppo, "grpo": grpo, "reinforce": reinforce, "cispo": cispo, "gspo": gspo,
               "srft": srft, "luffy": luffy, "dapo": dapo, "dr_grpo": dr_grpo, "bnpo": bnpo, "rloo": rloo,
-              "hpt_paper": hpt_paper, "hpt_code": hpt_code}
+              "hpt_paper": hpt_paper, "hpt_code": hpt_code, "sapo": sapo}

@@ -68,6 +68,10 @@ def upge_formula(est, logp, old, A, M, is_demo):
                 stable = 0.0 if out else 1.0
             if not demo and est.mask == "cispo":
                 weight = min(max(ratio, 1 - est.eps_low), 1 + est.eps_high)
+            if not demo and est.mask == "sapo":  # d/dlogp of (4/tau) sigmoid(tau (rho - 1)) = 4 s (1 - s) rho
+                tau = est.sapo_tau_pos if a > 0 else est.sapo_tau_neg
+                s = 1 / (1 + math.exp(-tau * (ratio - 1)))
+                weight = 4 * s * (1 - s) * ratio
             agg = {"token_mean": 1 / n_tok, "global_token_mean": 1 / n_tok,
                    "seq_mean_token_mean": 1 / (B * len(rows[i])), "seq_mean_token_sum": 1 / B,
                    "seq_mean_token_sum_norm": 1 / (B * L), "batch_token_sum_norm": 1 / (B * L),
