@@ -33,7 +33,8 @@ def batch(seed=0):
     logp = -torch.rand(B, T, generator=g, dtype=F64) * 3
     old = (logp + 0.3 * torch.randn(B, T, generator=g, dtype=F64)).clamp(max=0)
     ref = (logp + 0.5 * torch.randn(B, T, generator=g, dtype=F64)).clamp(max=0)
-    roll = (old + 0.4 * torch.randn(B, T, generator=g, dtype=F64)).clamp(max=0)
+    # the sampler a little more confident than pi_old: the off-policy mask then drops some A < 0 rows
+    roll = (old + 0.15 + 0.4 * torch.randn(B, T, generator=g, dtype=F64)).clamp(max=0)
     M = torch.rand(B, T, generator=g) > 0.3
     M[:, 0] = True
     M[3] = False                                   # a row with no valid token
@@ -148,6 +149,52 @@ def trl_vllm_case(mode, lo, hi):
         r = trl_vllm_ratio(b, mode, lo, hi)
         return _diff(_grad(ptlab_loss(est, b), b["logp"]), _grad(trl_loss(b, "grpo", is_ratio=r, vllm_is=True),
                                                                  b["logp"]))
+    return run
+
+
+class TrlDpoStandIn:
+    """The attributes `DPOTrainer._compute_loss` reads (sigmoid loss, reference log-probs precomputed); the model
+    returns the batch's per-token log-probs (0 off the completion, as with labels -100) and zero statistics."""
+
+    def __init__(self, beta):
+        self.beta, self.loss_types, self.loss_weights = beta, ["sigmoid"], [1.0]
+        self.ld_alpha, self.precompute_ref_logps, self.f_divergence_type = None, True, "reverse_kl"
+        self.use_weighting = self.aux_loss_enabled = False
+        self.label_smoothing, self._total_train_tokens, self._tp_size = 0.0, 0, 1
+        self.accelerator, self.model = _OneProcess(), SimpleNamespace(training=True)
+        self.accelerator.device = torch.device("cpu")
+        self._metrics = defaultdict(lambda: defaultdict(list))
+
+
+def dpo_case(beta=0.1):
+    """TRL's DPO sigmoid loss against ptlab's DPO term (scale/loss.py `micro_loss`): P pairs, ragged."""
+    def run(b):
+        from trl.trainer.dpo_trainer import DPOTrainer
+
+        from scale.loss import Terms, micro_loss
+        P = B // 2
+        M = b["M"].clone()
+        M[3, 0] = True                         # every completion keeps a token (a DPO pair has two answers)
+        ref_seq = (b["ref"] * M).sum(-1)
+        order = [k for i in range(P) for k in (i, P + i)]   # TRL: [chosen..., rejected...]; ptlab: pairs
+
+        def ptlab(x):
+            mb = {"score_mask": M[order], "kind": ["chosen", "rejected"] * P, "ref_logp": ref_seq[order],
+                  "weight": torch.ones(B, dtype=F64), "advantage": torch.zeros(B, dtype=F64), "old_logp": None,
+                  "ref_token_logp": None}
+            norms = {"pairs": float(P), "all_tokens": float(M.sum()), "rl_tokens": 0.0, "sft_tokens": 0.0}
+            return micro_loss(x[order], torch.zeros(B, T, dtype=F64), mb, Terms(dpo_beta=beta), norms)[0]
+
+        def trl(x):
+            z = torch.zeros(B, T, dtype=F64)
+            out = SimpleNamespace(log_probs=torch.where(M, x, z), entropy=z, mean_logits=z,
+                                  is_top1=torch.zeros(B, T, dtype=torch.bool))
+            inputs = {"input_ids": torch.zeros(B, T + 1, dtype=torch.long),
+                      "attention_mask": torch.ones(B, T + 1, dtype=torch.long),
+                      "completion_mask": torch.cat([torch.zeros(B, 1, dtype=torch.long), M.long()], 1),
+                      "ref_chosen_logps": ref_seq[:P], "ref_rejected_logps": ref_seq[P:]}
+            return DPOTrainer._compute_loss(TrlDpoStandIn(beta), lambda **kw: out, inputs, False)
+        return _diff(_grad(ptlab, b["logp"]), _grad(trl, b["logp"]))
     return run
 
 
@@ -273,12 +320,13 @@ def _cases():
          trl_case(ptl("dr_grpo", max_length=16, **trl_kl), "dr_grpo", beta=0.04, max_completion_length=16)),
         ("gspo + KL_STYLES['trl']", "grpo, sequence level, beta=0.04", "",
          trl_case(ptl("gspo", **trl_kl), "grpo", beta=0.04, eps_low=3e-4, eps_high=4e-4, level="sequence")),
-        ("grpo, off_policy_mask_threshold=0.05", "off_policy_mask_threshold=0.05", "",
-         trl_case(ptl("grpo", off_policy_mask_threshold=0.05), "grpo", ptlab_kw={"rollout_logp": None}, opsm=0.05)),
+        ("grpo, off_policy_mask_threshold=0", "off_policy_mask_threshold=0 (pi_old)", "",
+         trl_case(ptl("grpo", off_policy_mask_threshold=0.0), "grpo", ptlab_kw={"rollout_logp": None}, opsm=0.0)),
         ("grpo, off_policy_mask_threshold=0.05, rollout_logp", "the same, vLLM sampling log-probs", "",
          trl_case(ptl("grpo", off_policy_mask_threshold=0.05), "grpo", opsm=0.05, sampling=True)),
         ("grpo, top_entropy_quantile=0.4", "top_entropy_quantile=0.4", "",
          trl_case(ptl("grpo", top_entropy_quantile=0.4), "grpo", top_entropy=0.4)),
+        ("DPO term (scale/loss.py), beta 0.1", "DPOTrainer, loss_type='sigmoid', beta 0.1", "", dpo_case(0.1)),
     ]
     for mode, lo, hi in (("token_truncate", None, 3.0), ("token_mask", 0.5, 2.0), ("sequence_truncate", None, 3.0),
                          ("sequence_mask", None, 3.0)):
