@@ -89,12 +89,14 @@ class TrlStandIn:
         self._lp, self._H = logp, entropy
         self.get_high_entropy_mask = GRPOTrainer.get_high_entropy_mask.__get__(self)
         self.get_off_policy_mask = GRPOTrainer.get_off_policy_mask
+        self.get_gamma_weights = GRPOTrainer.get_gamma_weights
         self.loss_type, self.beta, self.epsilon_low, self.epsilon_high = loss_type, beta, eps_low, eps_high
         self.importance_sampling_level, self.max_completion_length = level, max_completion_length
         self.off_policy_mask_threshold, self.top_entropy_quantile = opsm, top_entropy
         self.use_vllm = self.vllm_importance_sampling_correction = vllm_is
         self.args = SimpleNamespace(use_bias_correction_kl=bias_correction, delta=None, sapo_temperature_pos=1.0,
-                                    sapo_temperature_neg=1.05, steps_per_generation=1)
+                                    sapo_temperature_neg=1.05, steps_per_generation=1, vespo_k_pos=2.0,
+                                    vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0)
         self.accelerator, self.model = _OneProcess(), SimpleNamespace(training=True)
         self.current_gradient_accumulation_steps = 1
         self.aux_loss_enabled = self._entropy_bonus_enabled = False
@@ -142,12 +144,12 @@ def trl_case(ptlab_est, loss_type, ptlab_kw=None, **trl_opts):
     return run
 
 
-def trl_vllm_case(mode, lo, hi):
-    est = preset("grpo", rollout_correction=mode, rollout_is_min=lo, rollout_is_max=hi)
+def trl_vllm_case(mode, lo, hi, name="grpo"):
+    est = preset(name, rollout_correction=mode, rollout_is_min=lo, rollout_is_max=hi)
 
     def run(b):
         r = trl_vllm_ratio(b, mode, lo, hi)
-        return _diff(_grad(ptlab_loss(est, b), b["logp"]), _grad(trl_loss(b, "grpo", is_ratio=r, vllm_is=True),
+        return _diff(_grad(ptlab_loss(est, b), b["logp"]), _grad(trl_loss(b, name, is_ratio=r, vllm_is=True),
                                                                  b["logp"]))
     return run
 
@@ -309,6 +311,9 @@ def _cases():
         # TRL builds the temperatures with torch.where on Python floats: float32, so tau_neg = float32(1.05)
         ("sapo, sapo_tau_neg=float32(1.05)", "sapo", "",
          trl_case(ptl("sapo", sapo_tau_neg=float(np.float32(1.05))), "sapo")),
+        ("luspo", "luspo, importance_sampling_level='sequence'", "",
+         trl_case(ptl("luspo"), "luspo", eps_low=3e-4, eps_high=4e-4, level="sequence")),
+        ("vespo", "vespo", "", trl_case(ptl("vespo"), "vespo")),
         ("grpo + KL_STYLES['trl'] (beta 0.04)", "grpo, beta=0.04 (use_bias_correction_kl=True)", "",
          trl_case(ptl("grpo", **trl_kl), "grpo", beta=0.04)),
         ("grpo + k3, policy aggregation, no bias correction", "grpo, beta=0.04, use_bias_correction_kl=False", "",
@@ -332,6 +337,10 @@ def _cases():
                          ("sequence_mask", None, 3.0)):
         c.append((f"grpo, rollout_correction='{mode}' [{lo}, {hi}]",
                   f"vllm_importance_sampling_mode='{mode}' (ratio: test-written)", "", trl_vllm_case(mode, lo, hi)))
+    for mode, lo, hi in (("token_truncate", None, 3.0), ("token_mask", 0.5, 2.0)):
+        c.append((f"vespo, rollout_correction='{mode}' [{lo}, {hi}]",
+                  f"vespo, vllm_importance_sampling_mode='{mode}' (ratio: test-written)", "",
+                  trl_vllm_case(mode, lo, hi, "vespo")))
     for agg, mode in VERL_MODES.items():
         for empty in (True, False):
             c.append((f"aggregation {agg}, count_empty_rows={empty}", "",

@@ -79,7 +79,7 @@ from theory import advantages as adv_mod
 Tensor = torch.Tensor
 
 REFERENCES = ("policy", "old", "one", "behaviour", "sequence_geometric")
-MASKS = ("none", "ppo_clip", "dual_clip", "cispo", "sequence_clip", "sapo")
+MASKS = ("none", "ppo_clip", "dual_clip", "cispo", "sequence_clip", "sapo", "vespo")
 SHAPINGS = ("none", "luffy")
 AGGREGATIONS = ("token_mean", "global_token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                 "seq_mean_token_sum_norm", "batch_token_sum_norm", "token_sum_norm")
@@ -140,6 +140,10 @@ class UPGE:
     rollout_is_max: float | None = None
     sapo_tau_pos: float = 1.0        # SAPO gate temperatures (mask="sapo"), for A > 0 and A <= 0
     sapo_tau_neg: float = 1.05
+    vespo_k_pos: float = 2.0         # VESPO gamma weight phi(w) = e^lam w^k e^(-lam w), for A >= 0 and A < 0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     in_table1: bool = False          # listed in the HPT paper's Table 1
     citation: str = ""
 
@@ -202,6 +206,11 @@ class UPGE:
         _number("kl_coef", self.kl_coef, lo=0.0)
         _number("sapo_tau_pos", self.sapo_tau_pos, lo=0.0, lo_open=True)
         _number("sapo_tau_neg", self.sapo_tau_neg, lo=0.0, lo_open=True)
+        for f in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            _number(f, getattr(self, f), lo=0.0)
+        if self.mask == "vespo" and self.rollout_correction not in ("none", "token_truncate", "token_mask"):
+            raise ValueError("rollout_correction: VESPO folds the rollout weight into its sequence weight token by "
+                             f"token (TRL): 'token_truncate' or 'token_mask', got {self.rollout_correction!r}")
         q = _number("top_entropy_quantile", self.top_entropy_quantile, lo=0.0, lo_open=True)
         if q > 1:
             raise ValueError(f"top_entropy_quantile: expected a number in (0, 1], got {q!r}")
@@ -284,7 +293,10 @@ class UPGE:
         beh = torch.where(M, behaviour_logp, zero) if behaviour_logp is not None else None
         A = A[:, None].expand_as(lp).to(lp.dtype)
 
-        value, w, ratio, clipped = self._policy_part(lp, lp_d, old, beh, A, M)
+        fold = None
+        if self.mask == "vespo" and self.rollout_correction != "none":  # TRL: inside VESPO's sequence weight
+            fold = self._rollout_weight(old, self._need(extra, "rollout_logp", "rollout_correction"), M)
+        value, w, ratio, clipped = self._policy_part(lp, lp_d, old, beh, A, M, fold)
         keep = self._extra_masks(lp_d, old, A, M, extra)  # OPSM, top-entropy, rollout IS: a constant factor
         value, w = value * keep, w * keep
         if demo is not None and bool(demo.any()):
@@ -401,11 +413,14 @@ class UPGE:
             # TRL takes the quantile in float32 (torch.quantile, linear interpolation): so does ptlab
             thr = torch.quantile(valid.float(), 1 - self.top_entropy_quantile)
             keep = keep * ((H >= thr) & M).to(keep.dtype)
-        if self.rollout_correction != "none":
-            if roll is None:
-                raise ValueError(f"rollout_logp: required by rollout_correction={self.rollout_correction!r}")
-            keep = keep * self._rollout_weight(old, roll, M)
+        if self.rollout_correction != "none" and self.mask != "vespo":
+            keep = keep * self._rollout_weight(old, self._need(extra, "rollout_logp", "rollout_correction"), M)
         return keep
+
+    def _need(self, extra, name, option):
+        if extra[name] is None:
+            raise ValueError(f"{name}: required by {option}={getattr(self, option)!r}")
+        return extra[name]
 
     def _rollout_weight(self, old, roll, M):
         """pi_old / pi_rollout per token, or per sequence (the product over the row), its log clamped at
@@ -437,8 +452,9 @@ class UPGE:
             out[name] = x
         return out
 
-    def _policy_part(self, lp, lp_d, old, beh, A, M):
-        """Per-token (loss value, UPGE weight, ratio pi_theta/pi_ref, clipped flag) of non-demo rows."""
+    def _policy_part(self, lp, lp_d, old, beh, A, M, fold=None):
+        """Per-token (loss value, UPGE weight, ratio pi_theta/pi_ref, clipped flag) of non-demo rows. `fold`:
+        VESPO's per-token rollout weights, which enter its sequence weight."""
         if self.reference not in _RATIO_REFERENCES:
             value, w, ratio = _denominator(self.reference, self.shaping, self.shaping_gamma, lp, lp_d, A)
             return value, w, ratio, torch.zeros_like(M)
@@ -462,6 +478,8 @@ class UPGE:
             else (lambda w: w)
         if self.mask == "none":
             return -A * rho, zero(A * rho), rho, torch.zeros_like(M)
+        if self.mask == "vespo":
+            return self._vespo(lp_d, log_ratio, A, M, fold)
         if self.mask == "sapo":  # a soft gate f(rho) = 4/tau sigmoid(tau (rho - 1)): f'(rho) = 4 s (1 - s)
             tau = torch.where(A > 0, torch.full_like(A, self.sapo_tau_pos), torch.full_like(A, self.sapo_tau_neg))
             s = torch.sigmoid(tau * (rho - 1))
@@ -479,6 +497,23 @@ class UPGE:
             unstable = unstable | capped
         w = torch.where(unstable, torch.zeros_like(rho), A * rho)
         return value, zero(w), rho, unstable
+
+    def _vespo(self, lp_d, log_ratio, A, M, fold):
+        """VESPO (TRL loss_type='vespo'): a stop-gradient weight phi(w) = exp(lam + k log w - lam w) on the
+        sequence weight w = prod_t pi/pi_old (a product, not GSPO's geometric mean; each token's log-ratio
+        clamped at log_ratio_clamp, the sum at [log 1e-8, 20], TRL's bounds), k and lam by the sign of A."""
+        Mf = M.to(lp_d.dtype)
+        floor = math.log(1e-8)
+        logw = (log_ratio * Mf).sum(-1, keepdim=True)
+        if fold is not None:  # TRL adds each token's clamped log rollout weight (0 weight: log 1e-8)
+            logw = logw + (torch.log(fold).clamp(floor, 20.0) * Mf).sum(-1, keepdim=True)
+        logw = logw.clamp(floor, 20.0)
+        pos = A >= 0
+        k = torch.where(pos, torch.full_like(A, self.vespo_k_pos), torch.full_like(A, self.vespo_k_neg))
+        lam = torch.where(pos, torch.full_like(A, self.vespo_lambda_pos), torch.full_like(A, self.vespo_lambda_neg))
+        lam = lam.clamp(min=1e-4)
+        phi = torch.exp(lam + k * logw - lam * torch.exp(logw)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        return -phi * A * lp_d, phi * A, torch.exp(logw).expand_as(lp_d), torch.zeros_like(M)
 
     def _aggregation(self, Mf, num_items, num_seqs, max_length) -> Tensor:
         B, T = Mf.shape
@@ -663,6 +698,13 @@ _add(name="rloo", reference="policy", advantage="rloo", mask="none", aggregation
 _add(name="sapo", reference="old", advantage="group_norm", mask="sapo", aggregation="seq_mean_token_mean",
      citation="Gao et al. 2025 (arXiv 2511.20347); TRL loss_type='sapo', verl policy_loss 'sapo': soft gate "
      "4/tau sigmoid(tau (rho - 1)), tau 1.0 (A > 0) / 1.05")
+_add(name="luspo", reference="sequence_geometric", advantage="group_norm", mask="sequence_clip", eps_low=3e-4,
+     eps_high=4e-4, aggregation="seq_mean_token_sum",
+     citation="LUSPO (arXiv 2602.05261), as TRL loss_type='luspo' runs it: GSPO's sequence ratio and clip, each "
+     "sequence's token losses summed (its length weighs it), mean over sequences; GSPO's clip range")
+_add(name="vespo", reference="old", advantage="group_norm", mask="vespo", aggregation="global_token_mean",
+     citation="VESPO (arXiv 2602.10693), as TRL loss_type='vespo' runs it: stop-gradient gamma weight "
+     "phi(w) on the sequence product ratio, k/lambda 2/3 (A >= 0), 3/2 (A < 0); token-level normaliser")
 _add(name="hpt_paper", reference="old", advantage="group_norm", mask="ppo_clip",
      aggregation="seq_mean_token_sum", citation="HPT Eq. 11: the RL part of HPT as printed")
 _add(name="hpt_code", reference="old", advantage="group_mean", mask="none",

@@ -226,6 +226,11 @@ def test_bad_options_and_missing_inputs_name_the_argument():
          "rollout_is_min")
     _err(lambda: preset("grpo", sapo_tau_neg=0.0), "sapo_tau_neg")
     _err(lambda: preset("gspo", mask="sapo"), "mask")
+    _err(lambda: preset("vespo", vespo_lambda_neg=-1.0), "vespo_lambda_neg")
+    _err(lambda: preset("vespo", rollout_correction="sequence_mask", rollout_is_max=3.0), "rollout_correction",
+         "token_truncate")
+    _err(lambda: preset("vespo", rollout_correction="token_mask", rollout_is_max=3.0).loss(
+        logp, old_logp=old, advantages=A, mask=M), "rollout_logp")
     _err(lambda: preset("grpo", kl_coef=0.1).loss(logp, old_logp=old, advantages=A, mask=M), "ref_logp")
     _err(lambda: preset("grpo", top_entropy_quantile=0.5).loss(logp, advantages=A, mask=M), "entropy")
     _err(lambda: preset("grpo", rollout_correction="token_truncate", rollout_is_max=2.0).loss(

@@ -54,6 +54,11 @@ def test_the_comparisons_can_fail():
         pt.trl_case(preset("grpo"), "grpo", opsm=0.05, sampling=True),
         pt.trl_case(preset("grpo"), "grpo", top_entropy=0.4),
         pt.trl_case(preset("grpo", mask="sapo"), "grpo"),
+        pt.trl_case(preset("gspo"), "luspo", eps_low=3e-4, eps_high=4e-4, level="sequence"),
+        pt.trl_case(preset("vespo", vespo_k_neg=2.0, vespo_k_pos=3.0), "vespo"),
+        lambda b: pt._diff(pt._grad(pt.ptlab_loss(preset("vespo"), b), b["logp"]),   # the rollout weight matters
+                           pt._grad(pt.trl_loss(b, "vespo", is_ratio=pt.trl_vllm_ratio(b, "token_truncate", None, 3.0),
+                                                vllm_is=True), b["logp"])),
         pt.verl_case(preset("ppo", advantage="given", mask="dual_clip", kl_coef=0.01, **KL_STYLES["trl"]),
                      "vanilla", "token-mean", kl="low_var_kl", kl_coef=0.01),
     ]
