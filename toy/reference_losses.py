@@ -204,7 +204,7 @@ def vespo(logp, old, A, M, k_pos=2.0, lam_pos=3.0, k_neg=3.0, lam_neg=2.0, **_):
     w_i = prod_t pi/pi_old over the sequence (its log clamped to [log 1e-8, 20]); / number of valid tokens."""
     total, n = torch.zeros((), dtype=logp.dtype), 0
     for i, r in enumerate(_rows(M)):
-        log_w = min(max(sum(float(logp[i, t] - old[i, t]) for t in r), math.log(1e-8)), 20.0)
+        log_w = min(max(sum(float((logp[i, t] - old[i, t]).detach()) for t in r), math.log(1e-8)), 20.0)
         k, lam = (k_pos, lam_pos) if float(A[i]) >= 0 else (k_neg, lam_neg)
         phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
         total = total + sum(-phi * A[i] * logp[i, t] for t in r)
