@@ -11,7 +11,16 @@ An estimator is the four parts plus an aggregation over tokens and sequences:
 - `advantage`: a name from `theory.advantages.ADVANTAGES`.
 - `mask` (1_stable): `none`, `ppo_clip` (eps_low, eps_high), `dual_clip` (PPO clip plus the cap c for
   A < 0), `cispo` (no mask; the weight is the clipped ratio, stop-gradient), `sequence_clip` (PPO clip
-  on GSPO's sequence ratio).
+  on GSPO's sequence ratio), `sapo` (SAPO's soft gate 4/tau sigmoid(tau (rho - 1)): weight
+  4 s (1 - s) rho A), `vespo` (VESPO's stop-gradient gamma weight phi(w) of the sequence product ratio).
+  Extra masks multiply value and weight: TRL's off-policy sequence mask (`off_policy_mask_threshold`), its
+  top-entropy token mask (`top_entropy_quantile`, needs `entropy`), and the rollout importance correction
+  (`rollout_correction`: pi_old / pi_rollout per token or sequence, truncated or masked to
+  [rollout_is_min, rollout_is_max], needs `rollout_logp`).
+- KL to a reference (`kl_coef` > 0, needs `ref_logp`): `kl_estimator` k1 / k2 / k3 / low_var_kl, placed in
+  the loss (aggregated by the policy's weights or by the global token count, optionally times the ratio:
+  TRL's bias correction) or in the reward (`kl_rewards`); `KL_STYLES` holds TRL's and verl's defaults.
+  theory/README.md section 1.8 has the formulas and their gradients.
 - `shaping` of the likelihood gradient: `none`, or `luffy`: f(pi) = pi / (pi + gamma), so that
   grad f(pi) = gamma / (pi + gamma)^2 * grad pi.
 - `aggregation` (the weights a_{i,t} with loss = sum a * l; M is the token mask, L_i = sum_t M_it,
