@@ -109,6 +109,10 @@ class HptOptions:
     gate_mode: str = "switch"         # switch | smooth [ours]
     gate_temperature: float = 0.05   # smooth gate: temperature of its sigmoid
     sft_coef: float = 1.0             # the code's sft_loss_coef (0.3 for Qwen2.5-Math-1.5B)
+    offline: str = "sft"              # what a gated prompt's demonstration trains (HPT Table 5): sft (HPT) |
+    #                                   off_policy (OFF/ON: LUFFY's shaped off-policy term, A = its reward) |
+    #                                   sft_off_policy (Mix/ON: sft_coef x SFT + off_coef x off-policy; 0.1 : 1)
+    off_coef: float = 1.0             # weight of the off-policy demonstration term (the code's off_loss_coef)
 
 
 @dataclass
@@ -237,6 +241,8 @@ class EvalSet:
     kind: str = "generate"            # generate (prompt, answer) | sft (prompt, completion) |
     #                                   dpo (prompt, chosen, rejected)
     limit: int = 0                    # first `limit` rows (0: all)
+    every: int = -1                   # this set's own interval (-1: eval.every; 0: only at the end), e.g.
+    #                                   a small probe set evaluated more often than the full test set
 
 
 @dataclass
@@ -320,7 +326,8 @@ RANGES: dict[type, dict[str, Range]] = {
     RlOptions: {"entropy_coef": FINITE,   # negative: an entropy penalty
                 "reward_weights": FINITE,   # negative: a penalty
                 "kl_coef": NON_NEGATIVE, "mini_batches": AT_LEAST_1, "epochs": AT_LEAST_1},
-    HptOptions: {"gamma": UNIT, "switch_gate": Range(-1), "gate_temperature": POSITIVE, "sft_coef": NON_NEGATIVE},
+    HptOptions: {"gamma": UNIT, "switch_gate": Range(-1), "gate_temperature": POSITIVE, "sft_coef": NON_NEGATIVE,
+                 "off_coef": NON_NEGATIVE},
     JointOptions: {"lam": UNIT, "split": UNIT, "f_star_sft": FINITE, "f_star_dpo": FINITE, "k": AT_LEAST_1,
                    "seed": SEED, "dpo_batch_size": NON_NEGATIVE},
     RunConfig: {"seed": SEED, "max_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1,
@@ -331,7 +338,7 @@ RANGES: dict[type, dict[str, Range]] = {
     DataRegConfig: {"k": NON_NEGATIVE, "fraction": FRACTION, "filter_frac": UNIT, "sketch_rank": AT_LEAST_1,
                     "seed": SEED},
     DataregConfig: {"target_batch_size": AT_LEAST_1},
-    EvalSet: {"limit": NON_NEGATIVE},
+    EvalSet: {"limit": NON_NEGATIVE, "every": Range(-1)},
     EvalConfig: {"every": NON_NEGATIVE, "n": AT_LEAST_1, "ks": AT_LEAST_1, "max_new_tokens": NON_NEGATIVE,
                  "batch_size": AT_LEAST_1},
 }
@@ -443,6 +450,7 @@ class Config:
         _choice("method.rl.kl_aggregation", m.rl.kl_aggregation, KL_AGGREGATIONS)
         _choice("method.hpt.variant", m.hpt.variant, ("paper", "code"))
         _choice("method.hpt.gate_mode", m.hpt.gate_mode, ("switch", "smooth"))
+        _choice("method.hpt.offline", m.hpt.offline, ("sft", "off_policy", "sft_off_policy"))
         _choice("method.joint.schedule", m.joint.schedule, SCHEDULES)
         _choice("generation.backend", g.backend, ("hf", "ptlab", "vllm"))
         _choice("model.dtype", self.model.dtype, ("auto", "float32", "bfloat16", "float16", "float64"))

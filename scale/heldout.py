@@ -1,4 +1,6 @@
 """Evaluation inside the trainer: the `eval:` config section, run every `eval.every` steps and at the end.
+A set may keep its own interval (`eval.sets[i].every`; 0 = only at the end), e.g. a small probe set
+evaluated often beside a full test set evaluated rarely.
 
 Three kinds of held-out set (`eval.sets[i].kind`):
 
@@ -59,14 +61,16 @@ class HeldOut:
                     self.reward_fn.check(data[0].get("columns", {}))
 
     def due(self, step: int, last: int) -> bool:
-        if not self.sets:
-            return False
+        return any(self._set_due(s, step, last) for s, _ in self.sets)
+
+    def _set_due(self, s, step: int, last: int) -> bool:
         if step == 0:
             return self.cfg.at_start
-        return step == last or bool(self.cfg.every and step % self.cfg.every == 0)
+        every = self.cfg.every if s.every < 0 else s.every
+        return step == last or bool(every and step % every == 0)
 
-    def run(self, step: int) -> tuple[dict[str, float], list[dict]]:
-        """(metrics, per-prompt records) of every set at the current parameters."""
+    def run(self, step: int, last: int) -> tuple[dict[str, float], list[dict]]:
+        """(metrics, per-prompt records) of every set due at `step` (of `last`), at the current parameters."""
         metrics, records = {}, []
         model = self.t._model()
         was_training = model.training
@@ -74,6 +78,8 @@ class HeldOut:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed((self.t.cfg.run.seed * 1_000_003 + step) * 1024 + self.t.acc.process_index)
             for s, data in self.sets:
+                if not self._set_due(s, step, last):
+                    continue
                 if s.kind == "generate":
                     m, rec = self._generate(s, data, step)
                     records += rec

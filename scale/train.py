@@ -377,7 +377,7 @@ class Trainer:
     def evaluate(self, step: int) -> dict:
         """The eval: section's metrics at the current parameters; per-prompt records appended to
         eval_records.jsonl."""
-        metrics, records = self.heldout.run(step)
+        metrics, records = self.heldout.run(step, self.cfg.run.max_steps)
         self.heldout.write_records(records)
         return metrics
 

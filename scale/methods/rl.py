@@ -17,9 +17,10 @@ KL_KEYS = ("kl_coef", "kl_estimator", "kl_placement", "kl_aggregation", "kl_bias
 NOT_IN_TRAINER = {"rollout_correction": "none", "top_entropy_quantile": 1.0}
 
 
-def rl_preset(cfg, name: str):
-    """The estimator preset `name` with method.rl.estimator_options and the method.rl.kl_* keys, in the
-    trainer's aggregation (`scale.loss.rl_estimator`); errors name the config key."""
+def rl_preset(cfg, name: str, **fixed):
+    """The estimator preset `name` with method.rl.estimator_options (and the method's own `fixed` options) and
+    the method.rl.kl_* keys, in the trainer's aggregation (`scale.loss.rl_estimator`); errors name the config
+    key."""
     from theory.estimator import PRESETS
 
     if name not in PRESETS:
@@ -35,7 +36,7 @@ def rl_preset(cfg, name: str):
                              "yet (it needs the sampler's log-probs or a quantile over the whole step); "
                              "theory.estimator offers it")
     try:
-        est = rl_estimator(name, opts, cfg.generation.max_new_tokens)
+        est = rl_estimator(name, {**opts, **fixed}, cfg.generation.max_new_tokens)
     except (ValueError, TypeError) as e:
         raise ValueError(f"method.rl.estimator_options (preset {name!r}): {e}") from None
     o = cfg.method.rl
@@ -84,12 +85,7 @@ def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, wit
             rows.append(Row(e["prompt_ids"] + c, len(e["prompt_ids"]), "rl",
                             meta={"group": q, "reward": rewards[q * n_gen + k]}))
         if with_demo:
-            t = e["completion"]
-            demo_text = tr.tok.decode(t["input_ids"][t["prompt_len"]:], skip_special_tokens=True)
-            rd = tr.rewards([demo_text], [e["answer"]], [idx[q]], f"step {step + 1}",
-                            completion_ids=[list(t["input_ids"][t["prompt_len"]:])])[0]
-            rows.append(Row(list(t["input_ids"]), t["prompt_len"], "demo",
-                            meta={"group": q, "reward": rd, "offline": True}))
+            rows.append(demo_row(tr, e, idx[q], step, group=q))
     acc = tr.acc
     est = tr.terms.rl
     shaped = kl_in_reward(tr, rows, info) if est.kl_coef > 0 and est.kl_placement == "reward" else \
@@ -113,6 +109,15 @@ def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, wit
         info.update({f"rewards/{name}/mean": s[2 * j] / s[2 * j + 1] for j, name in enumerate(parts)
                      if s[2 * j + 1]})
     return rows
+
+
+def demo_row(tr, e: dict, i: int, step: int, **meta) -> Row:
+    """The example's demonstration as a `demo` row, graded by the reward like a rollout (meta: its reward)."""
+    t = e["completion"]
+    completion = list(t["input_ids"][t["prompt_len"]:])
+    text = tr.tok.decode(completion, skip_special_tokens=True)
+    reward = tr.rewards([text], [e["answer"]], [i], f"step {step + 1}", completion_ids=[completion])[0]
+    return Row(list(t["input_ids"]), t["prompt_len"], "demo", meta={**meta, "reward": reward, "offline": True})
 
 
 @register("rl")
@@ -143,14 +148,14 @@ class RL(Method):
     def rows(self, tr, step, info):
         idx = tr.local_indices(step, len(tr.data), self.cfg.run.batch_size)
         exs = [tr.data[i] for i in idx]
-        rows = self.select(tr, rollout_rows(tr, exs, idx, step, info, self.with_demo), exs, info)
+        rows = self.select(tr, rollout_rows(tr, exs, idx, step, info, self.with_demo), exs, info, idx=idx, step=step)
         if tr.terms.rl.kl_coef and tr.terms.rl.kl_placement == "loss":
             for rw, lp in zip(rows, tr.reference.token_logps(rows)):
                 rw.ref_token_logp = lp.tolist()
         return rows
 
-    def select(self, tr, rows: list[Row], exs: list[dict], info: dict) -> list[Row]:
-        """The rows that train (HPT's gate overrides this); all of them here."""
+    def select(self, tr, rows: list[Row], exs: list[dict], info: dict, idx=None, step: int = 0) -> list[Row]:
+        """The rows that train (HPT's gate overrides this); all of them here. idx: the examples' data indices."""
         return rows
 
     def extra_norms(self, prompts: int, tr) -> dict | None:

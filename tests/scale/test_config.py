@@ -46,6 +46,8 @@ def test_shipped_configs_validate(path):
     ("method.hpt.gamma=[1]", "method.hpt.gamma"),
     ("method.name=ppo", "method.name"),                 # unknown choice
     ("method.joint.schedule=random", "method.joint.schedule"),
+    ("method.hpt.offline=offline_rl", "method.hpt.offline"),
+    ("method.hpt.off_coef=-1", "method.hpt.off_coef"),
     ("generation.n=1", "generation.n"),
     ("run.batch_size=0", "run.batch_size"),
     ("generation.top_p=1.5", "generation.top_p"),

@@ -49,13 +49,24 @@ def test_eval_logged_at_start_every_and_end_with_records(world, tmp_path):
         assert r["eval/hgenerate/avg@4"] == pytest.approx(sum(x["correct"] for x in mine) / (4 * len(mine)))
 
 
+def test_a_set_with_its_own_interval(world, tmp_path):
+    """eval.sets[i].every overrides eval.every for that set (0: end only); the others keep eval.every."""
+    out = tmp_path / "run"
+    sets = json.loads(_sets(world, "generate", "sft"))
+    sets[0]["every"], sets[1]["every"] = 1, 0
+    Trainer(_cfg(world, out, **{"run.max_steps": 3, "eval.every": 2, "eval.n": 2, "eval.sets": sets})).train()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "eval/hgenerate/avg@2" in r] == [0, 1, 2, 3]
+    assert [r["step"] for r in rows if "eval/hsft/f_sft" in r] == [0, 3]
+
+
 def test_heldout_objectives_equal_plain_references(world, tmp_path):
     t = Trainer(_cfg(world, tmp_path / "run", method="sft", data="sft",
                      **{"eval.sets": json.loads(_sets(world, "sft", "dpo"))}))
     with torch.no_grad():
         for p in t._model().parameters():   # move away from the reference so f_dpo is not log 2
             p.add_(0.01 * torch.randn_like(p))
-    m, _ = t.heldout.run(1)
+    m, _ = t.heldout.run(1, 1)
     model, ref = t._model(), t.reference.model.model
 
     def seq_logp(mdl, ids, plen):
@@ -107,6 +118,7 @@ def test_resume_trims_records_past_the_checkpoint(world, tmp_path):
     ('eval.sets=[{name: a, path: x.jsonl, colour: red}]', "eval.sets[0].colour"),
     ("eval.ks=[16]", "eval.ks"),
     ("eval.every=-1", "eval.every"),
+    ('eval.sets=[{name: a, path: x.jsonl, every: -2}]', "eval.sets[0].every"),
     ("eval.n=0", "eval.n"),
     ("generation.top_k=-1", "generation.top_k"),
 ])

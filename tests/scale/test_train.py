@@ -208,6 +208,40 @@ def test_hpt_gate_equals_schedule(world, tmp_path):
             assert sft_w == ([beta[q]] if beta[q] > 0 else [])
 
 
+@pytest.mark.parametrize("offline", ["off_policy", "sft_off_policy"])
+def test_hpt_offline_branches_of_table5(world, tmp_path, offline):
+    """method.hpt.offline: a gated prompt's demonstration becomes an off-policy `demo` row (advantage = its
+    reward, weight beta * off_coef), with (Mix/ON) or without (OFF/ON) its SFT row; its gradient is that of
+    -A * w * sum_t f(pi_t) / L with LUFFY's f(p) = p / (p + 0.1) and L = generation.max_new_tokens."""
+    from scale.loss import Row
+
+    n = 4
+    tr = _trainer(world, tmp_path, method="hpt", **{"method.hpt.variant": "code", "generation.n": n,
+                                                    "method.hpt.offline": offline, "method.hpt.sft_coef": 0.1,
+                                                    "method.hpt.off_coef": 0.7})
+    exs = tr.data[:2]
+    rows = [Row([1, 2, 3], 1, "rl", meta={"group": q, "reward": float(q == 1)}) for q in range(2) for _ in range(n)]
+    out = tr.method.select(tr, rows, exs, {}, idx=[0, 1], step=0)
+    demo = [r for r in out if r.kind == "demo"]
+    sft = [r for r in out if r.kind == "sft"]
+    assert [r.meta["group"] for r in demo] == [0] and demo[0].weight == pytest.approx(0.7)
+    assert demo[0].advantage == demo[0].meta["reward"]             # the released code's singleton group: A = R
+    assert [r.weight for r in sft] == ([pytest.approx(0.1)] if offline == "sft_off_policy" else [])
+    assert sum(r.kind == "rl" for r in out) == n                   # prompt 1 (all right) stays in RL
+
+    torch.manual_seed(0)
+    T, L = 6, tr.cfg.generation.max_new_tokens
+    lp = (-torch.rand(1, T, dtype=torch.float64) * 3).requires_grad_()
+    mask = torch.tensor([[True] * 5 + [False]])
+    A = torch.tensor([1.3 * demo[0].weight], dtype=torch.float64)   # a non-zero advantage, whatever R is
+    tr.terms.rl.loss(lp, advantages=A, mask=mask, num_items=5.0, num_seqs=1.0,
+                     is_demo=torch.tensor([True])).backward()
+    ref = lp.detach().clone().requires_grad_()
+    p = ref.exp()
+    (-(A[0] * (p / (p + 0.1)) * mask).sum() / L).backward()
+    torch.testing.assert_close(lp.grad, ref.grad, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("config,data", [("tiny_dpo.yaml", "dpo"), ("tiny_grpo.yaml", "rl")])
 def test_lora_trains_only_the_adapter_and_saves_it(world, tmp_path, config, data):
     """LoRA through peft: the base weights stay fixed, the adapter moves; DPO's reference is the
