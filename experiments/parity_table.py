@@ -362,6 +362,9 @@ def _cases():
          _all(*[verl_case(dual.replace(aggregation="seq_mean_token_mean", **{**verl_kl, "kl_estimator": k}),
                           "vanilla", "seq-mean-token-mean", kl=k, kl_coef=0.01)
                 for k in ("k1", "k2", "low_var_kl")])),
+        ("ppo dual clip + k1+ / k3+ / low_var_kl+ KL (straight-through)", "", "kl_loss_type k1+ / k3+ / low_var_kl+",
+         _all(*[verl_case(dual.replace(**{**verl_kl, "kl_estimator": k if k != "k3+" else "low_var_kl+"}),
+                          "vanilla", "token-mean", kl=k, kl_coef=0.01) for k in ("k1+", "k3+", "low_var_kl+")])),
         ("rollout_correction token_truncate, max 2", "", "rollout_is='token', threshold 2.0 (TIS)",
          verl_rollout_case("token", 2.0, "token_truncate", None, 2.0)),
         ("rollout_correction sequence_truncate, max 2", "", "rollout_is='sequence', threshold 2.0",

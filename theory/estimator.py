@@ -93,7 +93,7 @@ SHAPINGS = ("none", "luffy")
 AGGREGATIONS = ("token_mean", "global_token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                 "seq_mean_token_sum_norm", "batch_token_sum_norm", "token_sum_norm")
 CLAMP_GRADIENTS = ("keep", "zero")
-KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+")
 KL_PLACEMENTS = ("loss", "reward")
 KL_AGGREGATIONS = ("global_token_mean", "policy")
 ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -138,7 +138,7 @@ class UPGE:
     clamp_gradient: str = "keep"     # beyond the clamp: "keep" w at the clamped ratio, "zero" (verl)
     sequence_log_ratio_max: float | None = None  # GSPO: cap on the sequence log-ratio (verl: 10.0)
     kl_coef: float = 0.0             # beta of the KL penalty to a reference policy (0: none)
-    kl_estimator: str = "k3"         # k1, k2, k3, low_var_kl (k3 with verl's clamps)
+    kl_estimator: str = "k3"         # k1, k2, k3, low_var_kl (k3 with verl's clamps); "+": k2's gradient
     kl_placement: str = "loss"       # "loss": beta * KL in the loss; "reward": R - beta * sum_t KL (verl)
     kl_aggregation: str = "global_token_mean"  # or "policy": the policy loss's own weights (TRL, verl)
     kl_bias_correction: bool = False  # TRL: per-token KL times the (differentiable) ratio pi_theta / pi_old
@@ -326,8 +326,13 @@ class UPGE:
     def kl_per_token(self, logp: Tensor, ref_logp: Tensor) -> tuple[Tensor, Tensor]:
         """(value, d value / d logp) of the per-token KL estimate, elementwise. With d = logp - ref_logp:
         k1 = d; k2 = d^2 / 2; k3 = e^-d + d - 1 (d clamped to [-20, 20], zero derivative beyond, as
-        verl and ptlab's earlier trainer did); low_var_kl = min(k3, 10) (verl: zero derivative above 10)."""
+        verl and ptlab's earlier trainer did); low_var_kl = min(k3, 10) (verl: zero derivative above 10).
+        A trailing "+" (verl's straight-through form) keeps the value and takes k2's derivative d, whose
+        expectation is the gradient of KL(pi || ref)."""
         d = logp - ref_logp
+        if self.kl_estimator.endswith("+"):
+            v, _ = self.replace(kl_estimator=self.kl_estimator[:-1]).kl_per_token(logp, ref_logp)
+            return v, d
         if self.kl_estimator == "k1":
             return d, torch.ones_like(d)
         if self.kl_estimator == "k2":

@@ -31,8 +31,12 @@ def rows(M):
 
 
 def kl_token(k, lp, rf):
-    """Schulman's estimators of KL(pi || ref) at one sampled token, d = log pi - log ref."""
+    """Schulman's estimators of KL(pi || ref) at one sampled token, d = log pi - log ref; a trailing '+' keeps
+    the value and takes the gradient of k2 = d^2 / 2 (straight-through)."""
     d = lp - rf
+    if k.endswith("+"):
+        v = kl_token(k[:-1], lp, rf)
+        return v.detach() + d * d / 2 - (d * d / 2).detach()
     if k == "k1":
         return d
     if k == "k2":
@@ -72,7 +76,7 @@ def loss_and_grad(fn, x0):
 
 
 @pytest.mark.parametrize("name", ["grpo", "dapo", "dr_grpo", "gspo"])
-@pytest.mark.parametrize("kl", ["k1", "k2", "k3", "low_var_kl"])
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+"])
 @pytest.mark.parametrize("aggregation", ["policy", "global_token_mean"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_kl_term_matches_plain_loop(name, kl, aggregation, bias):

@@ -61,6 +61,8 @@ def test_the_comparisons_can_fail():
                                                 vllm_is=True), b["logp"])),
         pt.verl_case(preset("ppo", advantage="given", mask="dual_clip", kl_coef=0.01, **KL_STYLES["trl"]),
                      "vanilla", "token-mean", kl="low_var_kl", kl_coef=0.01),
+        pt.verl_case(preset("ppo", advantage="given", mask="dual_clip", kl_coef=0.01, **KL_STYLES["verl"]),
+                     "vanilla", "token-mean", kl="low_var_kl+", kl_coef=0.01),
     ]
     for i, run in enumerate(wrong):
         assert max(run(pt.batch(s)) for s in (0, 1, 2)) > 1e-6, f"comparison {i} cannot tell the options apart"
