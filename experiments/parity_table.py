@@ -32,14 +32,18 @@ def batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(B, T, generator=g, dtype=F64) * 3
     old = (logp + 0.3 * torch.randn(B, T, generator=g, dtype=F64)).clamp(max=0)
+    old[0::2, 1] = logp[0::2, 1] - 1.5            # ratio e^1.5 > 3 on a token of the even rows: the dual clip acts
+    old[1::2, 2] = (logp[1::2, 2] + 1.5).clamp(max=0)   # pi_old above pi on the odd rows: the off-policy mask acts
     ref = (logp + 0.5 * torch.randn(B, T, generator=g, dtype=F64)).clamp(max=0)
     # the sampler a little more confident than pi_old: the off-policy mask then drops some A < 0 rows
     roll = (old + 0.15 + 0.4 * torch.randn(B, T, generator=g, dtype=F64)).clamp(max=0)
     M = torch.rand(B, T, generator=g) > 0.3
     M[:, 0] = True
+    M[1::2, 2] = True                              # the token the off-policy mask needs (below)
     M[3] = False                                   # a row with no valid token
     rewards = torch.tensor([1., 0, 1, 1, 0, 0, 1, 0], dtype=F64)
-    A = torch.randn(B, generator=g, dtype=F64)
+    # random magnitudes, signs fixed so that both A < 0 on even rows (dual clip) and on odd rows (mask) occur
+    A = torch.randn(B, generator=g, dtype=F64).abs() * torch.tensor([-1., 1, -1, -1, 1, -1, 1, 1], dtype=F64)
     H = torch.rand(B, T, generator=g, dtype=F64) * 2
     return dict(logp=logp, old=old, ref=ref, roll=roll, M=M, rewards=rewards, A=A, H=H)
 
@@ -349,6 +353,8 @@ def _cases():
     c += [
         ("ppo, mask='dual_clip', clamp_gradient='zero'", "", "vanilla (default)",
          verl_case(dual, "vanilla", "token-mean", clip_ratio=0.2)),
+        ("ppo, clamp_gradient='zero'", "", "vanilla, clip_ratio_c=1e9 (the dual clip never acts)",
+         verl_case(ptl("ppo", clamp_gradient="zero"), "vanilla", "token-mean", clip_ratio_c=1e9)),
         ("gspo, sequence_log_ratio_max=10, clamp_gradient='zero'", "", "gspo",
          verl_case(ptl("gspo", advantage="given", sequence_log_ratio_max=10.0, clamp_gradient="zero"), "gspo",
                    "seq-mean-token-mean", clip_ratio_low=3e-4, clip_ratio_high=4e-4)),

@@ -54,6 +54,7 @@ def test_the_comparisons_can_fail():
         pt.trl_case(preset("grpo"), "grpo", opsm=0.05, sampling=True),
         pt.trl_case(preset("grpo"), "grpo", top_entropy=0.4),
         pt.trl_case(preset("grpo", mask="sapo"), "grpo"),
+        pt.verl_case(preset("ppo", advantage="given", clamp_gradient="zero"), "vanilla", "token-mean"),
         pt.trl_case(preset("gspo"), "luspo", eps_low=3e-4, eps_high=4e-4, level="sequence"),
         pt.trl_case(preset("vespo", vespo_k_neg=2.0, vespo_k_pos=3.0), "vespo"),
         lambda b: pt._diff(pt._grad(pt.ptlab_loss(preset("vespo"), b), b["logp"]),   # the rollout weight matters
@@ -99,3 +100,21 @@ def test_verl_k3_cap_is_active_in_the_comparison():
     assert float(k.max()) == 10.0
     v, _ = preset("grpo", kl_estimator="low_var_kl").kl_per_token(b["logp"], far)
     torch.testing.assert_close(v, k, rtol=0, atol=0)
+
+
+def test_the_batches_reach_the_branches_compared():
+    """Every batch has tokens where verl's dual clip acts, rows the off-policy mask drops (against pi_old and
+    against the sampler), PPO-clipped tokens, an empty row, and rollout weights outside [0.5, 2]."""
+    for seed in (0, 1, 2):
+        b = pt.batch(seed)
+        M, A = b["M"], b["A"][:, None]
+        rho = torch.exp(b["logp"] - b["old"])
+        assert bool(((rho > 3) & (A < 0) & M).any())
+        assert bool(((rho > 1.2) & (A > 0) & M).any() or ((rho < 0.8) & (A < 0) & M).any())
+        n = M.sum(-1).clamp(min=1)
+        for base, delta in ((b["old"], 0.0), (b["roll"], 0.05)):
+            kl = ((base - b["logp"]) * M).sum(-1) / n
+            assert bool(((kl > delta) & (b["A"] < 0)).any())
+        assert not bool(M.all(-1).all()) and bool((M.sum(-1) == 0).any())
+        w = torch.exp(b["old"] - b["roll"])[M]
+        assert bool(((w < 0.5) | (w > 2.0)).any())
