@@ -364,7 +364,7 @@ def _cases():
         ("sapo", "", "sapo", verl_case(ptl("sapo", advantage="given"), "sapo", "seq-mean-token-mean")),
         ("ppo dual clip + KL_STYLES['verl'] (coef 0.01)", "", "use_kl_loss, low_var_kl, coef 0.01",
          verl_case(dual.replace(**verl_kl), "vanilla", "token-mean", kl="low_var_kl", kl_coef=0.01)),
-        ("ppo dual clip + k1 / k2 / k3 KL, seq-mean-token-mean", "", "kl_loss_type k1 / k2 / k3",
+        ("ppo dual clip + k1 / k2 / low_var_kl KL, seq-mean-token-mean", "", "kl_loss_type k1 / k2 / low_var_kl",
          _all(*[verl_case(dual.replace(aggregation="seq_mean_token_mean", **{**verl_kl, "kl_estimator": k}),
                           "vanilla", "seq-mean-token-mean", kl=k, kl_coef=0.01)
                 for k in ("k1", "k2", "low_var_kl")])),
