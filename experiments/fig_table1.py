@@ -52,6 +52,12 @@ def _mask(est: UPGE) -> tuple[str, str]:
         return "none", "none"
     if est.mask == "cispo":
         return f"none; weight sg(clip(ρ, {lo}, {hi}))", rf"none; weight $sg(\mathrm{{clip}}(\rho, {lo}, {hi}))$"
+    if est.mask == "vespo":
+        return ("none; weight sg(φ(w)), w = Π_t ρ_t, φ(w) = e^λ w^k e^(−λw)",
+                r"none; weight $sg(\phi(w))$, $w=\prod_t \rho_t$, $\phi(w)=e^\lambda w^k e^{-\lambda w}$")
+    if est.mask == "sapo":
+        t = f"τ+ {est.sapo_tau_pos:g}, τ− {est.sapo_tau_neg:g}"
+        return f"soft gate 4/τ σ(τ(ρ−1)) ({t})", rf"soft gate $\frac{{4}}{{\tau}}\sigma(\tau(\rho-1))$ ({t})"
     kind = {"ppo_clip": "PPO clip", "dual_clip": f"dual clip (c={est.clip_c:g})",
             "sequence_clip": "sequence clip"}[est.mask]
     return f"{kind} [{lo}, {hi}]", f"{kind} $[{lo}, {hi}]$"

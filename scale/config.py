@@ -92,7 +92,11 @@ class RlOptions:
     reward: str | list[str] = "math"  # math | exact | module:function, or a list of them (summed with weights)
     reward_weights: list[float] = field(default_factory=list)   # one per reward (TRL's); [] = all 1
     entropy_coef: float = 0.0         # loss -= entropy_coef * (global token-mean entropy)
-    kl_coef: float = 0.0              # k3 KL to the reference model, global token mean
+    kl_coef: float = 0.0              # beta of the KL to the reference model (0: none, no reference loaded)
+    kl_estimator: str = "k3"          # k1 | k2 | k3 | low_var_kl (k3 capped at 10 per token, verl's)
+    kl_placement: str = "loss"        # loss: + beta * KL in the loss | reward: R - beta * sum_t KL (verl in-reward)
+    kl_aggregation: str = "global_token_mean"   # or policy: the RL loss's own aggregation (TRL, verl)
+    kl_bias_correction: bool = False  # TRL: per-token KL times the ratio pi_theta / pi_old
     mini_batches: int = 1             # optimizer steps per generation batch (PPO mini-batches)
     epochs: int = 1                   # passes over each generation batch (PPO epochs)
 
@@ -440,6 +444,10 @@ class Config:
 
         get_method(m.name).check(self)  # an unknown name fails naming method.name; then the method's own keys
         _choice("method.sft.aggregation", m.sft.aggregation, ("global_token_mean", "seq_mean_token_mean"))
+        from theory.estimator import KL_AGGREGATIONS, KL_ESTIMATORS, KL_PLACEMENTS
+        _choice("method.rl.kl_estimator", m.rl.kl_estimator, KL_ESTIMATORS)
+        _choice("method.rl.kl_placement", m.rl.kl_placement, KL_PLACEMENTS)
+        _choice("method.rl.kl_aggregation", m.rl.kl_aggregation, KL_AGGREGATIONS)
         _choice("method.hpt.variant", m.hpt.variant, ("paper", "code"))
         _choice("method.hpt.gate_mode", m.hpt.gate_mode, ("switch", "smooth"))
         _choice("method.hpt.offline", m.hpt.offline, ("sft", "off_policy", "sft_off_policy"))

@@ -55,7 +55,7 @@ class Terms:
     sft: UPGE | None = None
     dpo_beta: float | None = None
     entropy_coef: float = 0.0
-    kl_coef: float = 0.0
+    kl_coef: float = 0.0   # > 0: the rows carry the reference's token log-probs; the KL itself is terms.rl's
 
 
 def rl_estimator(name: str, options: dict | None = None, max_new_tokens: int | None = None) -> UPGE:
@@ -157,6 +157,9 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict, terms: Terms
                   num_seqs=max(norms.get("rl_seqs", norms[rows_key]), 1.0))
         if bool(demo.any()):
             kw["is_demo"] = demo
+        ref = mb["ref_token_logp"]
+        if terms.rl.kl_coef and terms.rl.kl_placement == "loss" and ref is not None:
+            kw["ref_logp"] = ref = ref[rl_i].to(lp.dtype)   # the estimator adds beta * KL (its kl_* options)
         term = terms.rl.loss(lp, **kw)
         loss = loss + term
         d = terms.rl.diagnostics(lp.detach(), **{**kw, "old_logp": old})
@@ -164,12 +167,9 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict, terms: Terms
         stats["rl_loss"] = float(term.detach())
         stats["clip_sum"] = d["clip_fraction"] * n_tok
         stats["ratio_sum"] = d["ratio_mean"] * n_tok
-        if terms.kl_coef and mb["ref_token_logp"] is not None:
-            delta = (mb["ref_token_logp"][rl_i].to(lp.dtype) - lp).clamp(-20, 20)
-            k3 = torch.where(m, torch.exp(delta) - delta - 1, torch.zeros_like(lp))
-            kl = k3.sum() / max(norms["rl_tokens"], 1.0)
-            loss = loss + terms.kl_coef * kl
-            stats["kl_sum"] = float(k3.detach().sum())
+        if "ref_logp" in kw:  # the logged KL: the estimate per token, summed (the trainer divides by tokens)
+            v, _ = terms.rl.kl_per_token(torch.where(m, lp.detach(), torch.zeros_like(lp)), ref)
+            stats["kl_sum"] = float(torch.where(m, v, torch.zeros_like(v)).sum())
     sft_i = idx("sft")
     if terms.sft is not None and len(sft_i):
         lp, m = logp[sft_i], M[sft_i]

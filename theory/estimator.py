@@ -11,7 +11,16 @@ An estimator is the four parts plus an aggregation over tokens and sequences:
 - `advantage`: a name from `theory.advantages.ADVANTAGES`.
 - `mask` (1_stable): `none`, `ppo_clip` (eps_low, eps_high), `dual_clip` (PPO clip plus the cap c for
   A < 0), `cispo` (no mask; the weight is the clipped ratio, stop-gradient), `sequence_clip` (PPO clip
-  on GSPO's sequence ratio).
+  on GSPO's sequence ratio), `sapo` (SAPO's soft gate 4/tau sigmoid(tau (rho - 1)): weight
+  4 s (1 - s) rho A), `vespo` (VESPO's stop-gradient gamma weight phi(w) of the sequence product ratio).
+  Extra masks multiply value and weight: TRL's off-policy sequence mask (`off_policy_mask_threshold`), its
+  top-entropy token mask (`top_entropy_quantile`, needs `entropy`), and the rollout importance correction
+  (`rollout_correction`: pi_old / pi_rollout per token or sequence, truncated or masked to
+  [rollout_is_min, rollout_is_max], needs `rollout_logp`).
+- KL to a reference (`kl_coef` > 0, needs `ref_logp`): `kl_estimator` k1 / k2 / k3 / low_var_kl, placed in
+  the loss (aggregated by the policy's weights or by the global token count, optionally times the ratio:
+  TRL's bias correction) or in the reward (`kl_rewards`); `KL_STYLES` holds TRL's and verl's defaults.
+  theory/README.md section 1.8 has the formulas and their gradients.
 - `shaping` of the likelihood gradient: `none`, or `luffy`: f(pi) = pi / (pi + gamma), so that
   grad f(pi) = gamma / (pi + gamma)^2 * grad pi.
 - `aggregation` (the weights a_{i,t} with loss = sum a * l; M is the token mask, L_i = sum_t M_it,
@@ -79,11 +88,24 @@ from theory import advantages as adv_mod
 Tensor = torch.Tensor
 
 REFERENCES = ("policy", "old", "one", "behaviour", "sequence_geometric")
-MASKS = ("none", "ppo_clip", "dual_clip", "cispo", "sequence_clip")
+MASKS = ("none", "ppo_clip", "dual_clip", "cispo", "sequence_clip", "sapo", "vespo")
 SHAPINGS = ("none", "luffy")
 AGGREGATIONS = ("token_mean", "global_token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                 "seq_mean_token_sum_norm", "batch_token_sum_norm", "token_sum_norm")
 CLAMP_GRADIENTS = ("keep", "zero")
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl", "k1+", "k3+", "low_var_kl+")
+KL_PLACEMENTS = ("loss", "reward")
+KL_AGGREGATIONS = ("global_token_mean", "policy")
+ROLLOUT_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# The KL options of each library's default KL term (coefficient aside): preset(name, **KL_STYLES["trl"]).
+KL_STYLES = {
+    "trl": dict(kl_estimator="k3", kl_placement="loss", kl_aggregation="policy", kl_bias_correction=True),
+    "verl": dict(kl_estimator="low_var_kl", kl_placement="loss", kl_aggregation="policy",
+                 kl_bias_correction=False),
+    "verl_in_reward": dict(kl_estimator="k1", kl_placement="reward", kl_bias_correction=False),
+    "ptlab_v0": dict(kl_estimator="k3", kl_placement="loss", kl_aggregation="global_token_mean",
+                     kl_bias_correction=False),
+}
 _RATIO_REFERENCES = ("old", "behaviour", "sequence_geometric")
 
 
@@ -111,9 +133,26 @@ class UPGE:
     demo_shaping: str = "none"
     max_length: int | None = None    # constant L of the *_norm aggregations; None: the padded length T
     count_empty_rows: bool = True    # S counts rows without a valid token (TRL); False: verl's agg_loss
+    seq_len_eps: float = 0.0         # seq_mean_token_mean divides row i by L_i + seq_len_eps (verl: 1e-8)
     log_ratio_clamp: float = 20.0
     clamp_gradient: str = "keep"     # beyond the clamp: "keep" w at the clamped ratio, "zero" (verl)
     sequence_log_ratio_max: float | None = None  # GSPO: cap on the sequence log-ratio (verl: 10.0)
+    kl_coef: float = 0.0             # beta of the KL penalty to a reference policy (0: none)
+    kl_estimator: str = "k3"         # k1, k2, k3, low_var_kl (k3 with verl's clamps); "+": k2's gradient
+    kl_placement: str = "loss"       # "loss": beta * KL in the loss; "reward": R - beta * sum_t KL (verl)
+    kl_aggregation: str = "global_token_mean"  # or "policy": the policy loss's own weights (TRL, verl)
+    kl_bias_correction: bool = False  # TRL: per-token KL times the (differentiable) ratio pi_theta / pi_old
+    off_policy_mask_threshold: float | None = None  # TRL OPSM: drop A < 0 rows whose mean KL exceeds it
+    top_entropy_quantile: float = 1.0  # TRL: keep only the tokens in the top fraction of entropy (1: all)
+    rollout_correction: str = "none"  # pi_old / pi_rollout weight (TRL vLLM IS, verl rollout_is)
+    rollout_is_min: float | None = None  # bounds of that weight: truncate to, or mask outside, [min, max]
+    rollout_is_max: float | None = None
+    sapo_tau_pos: float = 1.0        # SAPO gate temperatures (mask="sapo"), for A > 0 and A <= 0
+    sapo_tau_neg: float = 1.05
+    vespo_k_pos: float = 2.0         # VESPO gamma weight phi(w) = e^lam w^k e^(-lam w), for A >= 0 and A < 0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     in_table1: bool = False          # listed in the HPT paper's Table 1
     citation: str = ""
 
@@ -137,7 +176,7 @@ class UPGE:
             raise ValueError("shaping: 'luffy' shapes grad pi and needs reference='one'")
         if self.demo_shaping == "luffy" and self.demo_reference != "one":
             raise ValueError("demo_shaping: 'luffy' needs demo_reference='one'")
-        for f in ("eps_low", "eps_high", "shaping_gamma", "std_eps", "log_ratio_clamp", "clip_c"):
+        for f in ("eps_low", "eps_high", "shaping_gamma", "std_eps", "log_ratio_clamp", "clip_c", "seq_len_eps"):
             v = getattr(self, f)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v != v:
                 raise ValueError(f"{f}: expected a non-negative number, got {v!r}")
@@ -159,11 +198,40 @@ class UPGE:
             raise ValueError(f"clip_c: dual clip needs clip_c > 1 + eps_high, got {self.clip_c!r}")
         if self.shaping_gamma == 0 and "luffy" in (self.shaping, self.demo_shaping):
             raise ValueError("shaping_gamma: must be > 0 for the LUFFY shaping")
+        self._check_kl_and_masks()
         if self.max_length is not None:
             L = self.max_length
             if isinstance(L, (bool, np.bool_)) or not isinstance(L, (int, np.integer)) or L < 1:
                 raise ValueError(f"max_length: expected a positive int or None, got {L!r}")
             object.__setattr__(self, "max_length", int(L))  # numpy ints are welcome; store a plain int
+
+    def _check_kl_and_masks(self):
+        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _check_choice("kl_placement", self.kl_placement, KL_PLACEMENTS)
+        _check_choice("kl_aggregation", self.kl_aggregation, KL_AGGREGATIONS)
+        _check_choice("rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+        if not isinstance(self.kl_bias_correction, (bool, np.bool_)):
+            raise ValueError(f"kl_bias_correction: expected a bool, got {self.kl_bias_correction!r}")
+        _number("kl_coef", self.kl_coef, lo=0.0)
+        _number("sapo_tau_pos", self.sapo_tau_pos, lo=0.0, lo_open=True)
+        _number("sapo_tau_neg", self.sapo_tau_neg, lo=0.0, lo_open=True)
+        for f in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            _number(f, getattr(self, f), lo=0.0)
+        if self.mask == "vespo" and self.rollout_correction not in ("none", "token_truncate", "token_mask"):
+            raise ValueError("rollout_correction: VESPO folds the rollout weight into its sequence weight token by "
+                             f"token (TRL): 'token_truncate' or 'token_mask', got {self.rollout_correction!r}")
+        q = _number("top_entropy_quantile", self.top_entropy_quantile, lo=0.0, lo_open=True)
+        if q > 1:
+            raise ValueError(f"top_entropy_quantile: expected a number in (0, 1], got {q!r}")
+        for f in ("off_policy_mask_threshold", "rollout_is_min", "rollout_is_max"):
+            if getattr(self, f) is not None:
+                _number(f, getattr(self, f), lo=0.0)
+        lo, hi = self.rollout_is_min, self.rollout_is_max
+        if self.rollout_correction != "none" and lo is None and hi is None:
+            raise ValueError(f"rollout_is_max: rollout_correction={self.rollout_correction!r} needs a bound "
+                             "(rollout_is_max and/or rollout_is_min)")
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"rollout_is_min: must be <= rollout_is_max, got {lo!r} > {hi!r}")
 
     def replace(self, **options) -> UPGE:
         _check_options(options)
@@ -191,13 +259,18 @@ class UPGE:
         t = self._terms(logp, old_logp, advantages, mask, **kw)
         lp = t["logp"]
         per_token = t["value"] - t["w"] * (lp - lp.detach())
-        return (t["agg"] * torch.where(t["mask"], per_token, torch.zeros_like(per_token))).sum()
+        loss = (t["agg"] * torch.where(t["mask"], per_token, torch.zeros_like(per_token))).sum()
+        if "kl_coef" in t:  # its own weights already hold the aggregation: sum c * (lp - sg(lp))
+            loss = loss + t["kl_value"] - (t["kl_coef"] * (lp - lp.detach())).sum()
+        return loss
 
     def coefficients(self, logp: Tensor, old_logp: Tensor | None = None, advantages: Tensor | None = None,
                      mask: Tensor | None = None, **kw) -> Tensor:
         """Per-token weights w with grad(loss, logp) == -w; same shape as `logp`."""
         t = self._terms(logp, old_logp, advantages, mask, **kw)
         w = torch.where(t["mask"], t["agg"] * t["w"], torch.zeros_like(t["w"]))
+        if "kl_coef" in t:
+            w = w + t["kl_coef"]
         return w.reshape(logp.shape)
 
     def diagnostics(self, logp: Tensor, old_logp: Tensor | None = None, advantages: Tensor | None = None,
@@ -216,9 +289,11 @@ class UPGE:
 
     # ------------------------------------------------------------------ internals
     def _terms(self, logp, old_logp, advantages, mask, is_demo=None, behaviour_logp=None,
-               num_items=None, num_seqs=None, max_length=None) -> dict[str, Tensor]:
+               num_items=None, num_seqs=None, max_length=None, ref_logp=None, rollout_logp=None,
+               entropy=None) -> dict[str, Tensor]:
         logp, old_logp, behaviour_logp, A, M, demo = self._check_inputs(
             logp, old_logp, advantages, mask, is_demo, behaviour_logp)
+        extra = self._check_extra(logp, M, ref_logp=ref_logp, rollout_logp=rollout_logp, entropy=entropy)
         zero = torch.zeros_like(logp)
         # Masked positions become 0 before any arithmetic: padding may hold -inf or garbage.
         lp = torch.where(M, logp, zero)
@@ -227,18 +302,173 @@ class UPGE:
         beh = torch.where(M, behaviour_logp, zero) if behaviour_logp is not None else None
         A = A[:, None].expand_as(lp).to(lp.dtype)
 
-        value, w, ratio, clipped = self._policy_part(lp, lp_d, old, beh, A, M)
+        fold = None
+        if self.mask == "vespo" and self.rollout_correction != "none":  # TRL: inside VESPO's sequence weight
+            fold = self._rollout_weight(old, self._need(extra, "rollout_logp", "rollout_correction"), M)
+        value, w, ratio, clipped = self._policy_part(lp, lp_d, old, beh, A, M, fold)
+        keep = self._extra_masks(lp_d, old, A, M, extra)  # OPSM, top-entropy, rollout IS: a constant factor
+        value, w = value * keep, w * keep
         if demo is not None and bool(demo.any()):
             dv, dw, dr = _denominator(self.demo_reference, self.demo_shaping, self.shaping_gamma, lp, lp_d, A)
             d = demo[:, None].expand_as(lp)
             value, w, ratio = torch.where(d, dv, value), torch.where(d, dw, w), torch.where(d, dr, ratio)
             clipped = clipped & ~d
         agg = self._aggregation(M.to(lp.dtype), num_items, num_seqs, max_length)
-        return {"logp": lp, "value": value.detach(), "w": w.detach(), "agg": agg, "mask": M,
-                "ratio": ratio.detach(), "clipped": clipped}
+        out = {"logp": lp, "value": value.detach(), "w": w.detach(), "agg": agg, "mask": M,
+               "ratio": ratio.detach(), "clipped": clipped}
+        if self.kl_coef > 0 and self.kl_placement == "loss":
+            if extra["ref_logp"] is None:
+                raise ValueError(f"ref_logp: required by kl_coef={self.kl_coef!r} with kl_placement='loss'")
+            out.update(self._kl_part(lp_d, old, extra["ref_logp"], M, agg, num_items))
+        return out
 
-    def _policy_part(self, lp, lp_d, old, beh, A, M):
-        """Per-token (loss value, UPGE weight, ratio pi_theta/pi_ref, clipped flag) of non-demo rows."""
+    # ------------------------------------------------------------------ the KL term and the extra masks
+    def kl_per_token(self, logp: Tensor, ref_logp: Tensor) -> tuple[Tensor, Tensor]:
+        """(value, d value / d logp) of the per-token KL estimate, elementwise. With d = logp - ref_logp:
+        k1 = d; k2 = d^2 / 2; k3 = e^-d + d - 1 (d clamped to [-20, 20], zero derivative beyond, as
+        verl and ptlab's earlier trainer did); low_var_kl = min(k3, 10) (verl: zero derivative above 10).
+        A trailing "+" (verl's straight-through form) keeps the value and takes k2's derivative d, whose
+        expectation is the gradient of KL(pi || ref)."""
+        d = logp - ref_logp
+        if self.kl_estimator.endswith("+"):
+            v, _ = self.replace(kl_estimator=self.kl_estimator[:-1]).kl_per_token(logp, ref_logp)
+            return v, d
+        if self.kl_estimator == "k1":
+            return d, torch.ones_like(d)
+        if self.kl_estimator == "k2":
+            return 0.5 * d * d, d
+        u = (-d).clamp(-20.0, 20.0)
+        v = torch.exp(u) - u - 1
+        dv = torch.where(d.abs() <= 20.0, 1 - torch.exp(u), torch.zeros_like(u))
+        if self.kl_estimator == "low_var_kl":
+            dv = torch.where(v > 10.0, torch.zeros_like(dv), dv)
+            v = v.clamp(-10.0, 10.0)
+        return v, dv
+
+    def kl_rewards(self, rewards, logp, ref_logp, mask=None) -> Tensor:
+        """`kl_placement="reward"` (verl's use_kl_in_reward): R_i - kl_coef * sum_t KL_t, the KL estimate at
+        the sampling policy's log-probs `logp` [B, T] (verl: old_log_prob), no gradient. rewards [B]."""
+        R = _as_tensor("rewards", rewards).to(torch.float64)
+        lp = _as_tensor("logp", logp).to(torch.float64)
+        if lp.dim() != 2 or R.shape != (lp.shape[0],):
+            raise ValueError(f"rewards: expected shape [B] with logp [B, T]; got {tuple(R.shape)} and "
+                             f"{tuple(lp.shape)}")
+        M = torch.ones_like(lp, dtype=torch.bool) if mask is None else (_as_tensor("mask", mask, False) != 0)
+        extra = self._check_extra(lp, M, ref_logp=ref_logp)
+        if extra["ref_logp"] is None:
+            raise ValueError("ref_logp: required by kl_rewards")
+        z = torch.zeros_like(lp)
+        v, _ = self.kl_per_token(torch.where(M, lp, z), extra["ref_logp"])
+        return R - self.kl_coef * torch.where(M, v, z).sum(-1)
+
+    def _kl_part(self, lp_d, old, ref, M, agg, num_items) -> dict[str, Tensor]:
+        """The KL term's value (a scalar) and its coefficients c with grad = -c (one [B, T] tensor holding
+        the aggregation weights). With `kl_bias_correction` the per-token KL is multiplied by the ratio
+        rho = pi_theta / pi_old (the sequence ratio for GSPO), whose own gradient enters (product rule)."""
+        Mf = M.to(lp_d.dtype)
+        if self.kl_aggregation == "policy":
+            a = agg * Mf
+        else:
+            n = _positive("num_items", num_items, None)
+            a = Mf / (n if n is not None else max(float(Mf.sum()), 1.0))
+        v, dv = self.kl_per_token(lp_d, ref)
+        v, dv = v * Mf, dv * Mf
+        if not self.kl_bias_correction:
+            return {"kl_value": self.kl_coef * (a * v).sum(), "kl_coef": -self.kl_coef * a * dv, "kl": v}
+        rho, drho = self._kl_ratio(lp_d, old, M)
+        if self.reference == "sequence_geometric":  # d rho_i / d logp_s = rho_i / L_i on every token of row i
+            cross = drho * (a * v).sum(-1, keepdim=True)
+            c = -self.kl_coef * (a * dv * rho + cross) * Mf
+        else:
+            c = -self.kl_coef * a * (dv * rho + v * drho)
+        return {"kl_value": self.kl_coef * (a * v * rho).sum(), "kl_coef": c, "kl": v}
+
+    def _kl_ratio(self, lp_d, old, M):
+        """(rho, d rho / d logp) for the KL bias correction: the token ratio, or GSPO's sequence ratio."""
+        c = self.log_ratio_clamp
+        raw = lp_d - old
+        lr = raw.clamp(-c, c)
+        if self.reference != "sequence_geometric":
+            rho = torch.exp(lr)
+            beyond = M & (raw.abs() > c)
+            d = torch.where(beyond, torch.zeros_like(rho), rho) if self.clamp_gradient == "zero" else rho
+            return rho, d
+        Mf = M.to(lp_d.dtype)
+        n = Mf.sum(-1, keepdim=True).clamp(min=1)
+        seq = (lr * Mf).sum(-1, keepdim=True) / n
+        capped = torch.zeros_like(seq, dtype=torch.bool)
+        if self.sequence_log_ratio_max is not None:
+            capped = seq > self.sequence_log_ratio_max
+            seq = seq.clamp(max=self.sequence_log_ratio_max)
+        rho = torch.exp(seq)
+        d = rho / n
+        if self.clamp_gradient == "zero":
+            d = torch.where(capped, torch.zeros_like(d), d)
+        return rho.expand_as(lp_d), d.expand_as(lp_d) * Mf
+
+    def _extra_masks(self, lp_d, old, A, M, extra) -> Tensor:
+        """The product of TRL's off-policy sequence mask, its top-entropy token mask and the rollout
+        importance weight pi_old / pi_rollout (truncated or masked); 1 where none is set. A constant."""
+        keep = torch.ones_like(lp_d)
+        Mf = M.to(lp_d.dtype)
+        roll = extra["rollout_logp"]
+        if self.off_policy_mask_threshold is not None:
+            # the sampler's log-probs if given (TRL: vLLM's), else pi_old; mean over the row's valid tokens
+            base = roll if roll is not None else old
+            kl = ((base - lp_d) * Mf).sum(-1, keepdim=True) / Mf.sum(-1, keepdim=True).clamp(min=1)
+            keep = keep * ((A >= 0) | (kl <= self.off_policy_mask_threshold)).to(keep.dtype)
+        if self.top_entropy_quantile < 1.0:
+            H = extra["entropy"]
+            if H is None:
+                raise ValueError(f"entropy: required by top_entropy_quantile={self.top_entropy_quantile!r}")
+            valid = H[M]
+            if valid.numel() == 0:
+                return torch.zeros_like(keep)
+            # TRL takes the quantile in float32 (torch.quantile, linear interpolation): so does ptlab
+            thr = torch.quantile(valid.float(), 1 - self.top_entropy_quantile)
+            keep = keep * ((H >= thr) & M).to(keep.dtype)
+        if self.rollout_correction != "none" and self.mask != "vespo":
+            keep = keep * self._rollout_weight(old, self._need(extra, "rollout_logp", "rollout_correction"), M)
+        return keep
+
+    def _need(self, extra, name, option):
+        if extra[name] is None:
+            raise ValueError(f"{name}: required by {option}={getattr(self, option)!r}")
+        return extra[name]
+
+    def _rollout_weight(self, old, roll, M):
+        """pi_old / pi_rollout per token, or per sequence (the product over the row), its log clamped at
+        log_ratio_clamp (verl's safety bound), then truncated to, or masked outside, [min, max]."""
+        c = self.log_ratio_clamp
+        d = torch.where(M, old - roll, torch.zeros_like(old))
+        if self.rollout_correction.startswith("sequence"):
+            d = d.sum(-1, keepdim=True)
+        w = torch.exp(d.clamp(-c, c)).expand_as(old)
+        lo = self.rollout_is_min if self.rollout_is_min is not None else -math.inf
+        hi = self.rollout_is_max if self.rollout_is_max is not None else math.inf
+        if self.rollout_correction.endswith("truncate"):
+            return w.clamp(lo, hi)
+        return torch.where((w < lo) | (w > hi), torch.zeros_like(w), w)
+
+    def _check_extra(self, lp, M, **tensors):
+        """ref_logp, rollout_logp, entropy: [B, T] like logp (or [B]), finite where valid; None passes."""
+        out = {}
+        cd = lp.dtype if lp.dtype in (torch.float32, torch.float64) else torch.float32
+        for name, x in tensors.items():
+            if x is not None:
+                x = _as_tensor(name, x)
+                if x.numel() != M.numel() or x.shape[0] != M.shape[0]:
+                    raise ValueError(f"{name}: expected the shape of logp {tuple(lp.shape)}, got {tuple(x.shape)}")
+                x = x.to(cd).reshape(M.shape)
+                if not bool(torch.isfinite(x[M]).all()):
+                    raise ValueError(f"{name}: contains NaN or infinite values at unmasked positions")
+                x = torch.where(M, x, torch.zeros_like(x))
+            out[name] = x
+        return out
+
+    def _policy_part(self, lp, lp_d, old, beh, A, M, fold=None):
+        """Per-token (loss value, UPGE weight, ratio pi_theta/pi_ref, clipped flag) of non-demo rows. `fold`:
+        VESPO's per-token rollout weights, which enter its sequence weight."""
         if self.reference not in _RATIO_REFERENCES:
             value, w, ratio = _denominator(self.reference, self.shaping, self.shaping_gamma, lp, lp_d, A)
             return value, w, ratio, torch.zeros_like(M)
@@ -262,6 +492,12 @@ class UPGE:
             else (lambda w: w)
         if self.mask == "none":
             return -A * rho, zero(A * rho), rho, torch.zeros_like(M)
+        if self.mask == "vespo":
+            return self._vespo(lp_d, log_ratio, A, M, fold)
+        if self.mask == "sapo":  # a soft gate f(rho) = 4/tau sigmoid(tau (rho - 1)): f'(rho) = 4 s (1 - s)
+            tau = torch.where(A > 0, torch.full_like(A, self.sapo_tau_pos), torch.full_like(A, self.sapo_tau_neg))
+            s = torch.sigmoid(tau * (rho - 1))
+            return -(4 / tau) * s * A, zero(A * rho * 4 * s * (1 - s)), rho, torch.zeros_like(M)
         if self.mask == "cispo":  # the weight is a stop-gradient: the clamp never carries gradient here
             weight = rho.clamp(lo, hi)
             return -weight * A * lp_d, weight * A, rho, (rho < lo) | (rho > hi)
@@ -276,6 +512,23 @@ class UPGE:
         w = torch.where(unstable, torch.zeros_like(rho), A * rho)
         return value, zero(w), rho, unstable
 
+    def _vespo(self, lp_d, log_ratio, A, M, fold):
+        """VESPO (TRL loss_type='vespo'): a stop-gradient weight phi(w) = exp(lam + k log w - lam w) on the
+        sequence weight w = prod_t pi/pi_old (a product, not GSPO's geometric mean; each token's log-ratio
+        clamped at log_ratio_clamp, the sum at [log 1e-8, 20], TRL's bounds), k and lam by the sign of A."""
+        Mf = M.to(lp_d.dtype)
+        floor = math.log(1e-8)
+        logw = (log_ratio * Mf).sum(-1, keepdim=True)
+        if fold is not None:  # TRL adds each token's clamped log rollout weight (0 weight: log 1e-8)
+            logw = logw + (torch.log(fold).clamp(floor, 20.0) * Mf).sum(-1, keepdim=True)
+        logw = logw.clamp(floor, 20.0)
+        pos = A >= 0
+        k = torch.where(pos, torch.full_like(A, self.vespo_k_pos), torch.full_like(A, self.vespo_k_neg))
+        lam = torch.where(pos, torch.full_like(A, self.vespo_lambda_pos), torch.full_like(A, self.vespo_lambda_neg))
+        lam = lam.clamp(min=1e-4)
+        phi = torch.exp(lam + k * logw - lam * torch.exp(logw)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        return -phi * A * lp_d, phi * A, torch.exp(logw).expand_as(lp_d), torch.zeros_like(M)
+
     def _aggregation(self, Mf, num_items, num_seqs, max_length) -> Tensor:
         B, T = Mf.shape
         rows = B if self.count_empty_rows else max(int((Mf.sum(-1) > 0).sum()), 1)
@@ -288,7 +541,8 @@ class UPGE:
         elif name == "global_token_mean":
             out = Mf / (N if N is not None else max(float(Mf.sum()), 1.0))
         elif name == "seq_mean_token_mean":
-            out = Mf / (Mf.sum(-1, keepdim=True).clamp(min=1) * S)
+            n = Mf.sum(-1, keepdim=True)
+            out = Mf / ((n + self.seq_len_eps if self.seq_len_eps else n.clamp(min=1)) * S)
         elif name == "seq_mean_token_sum":
             out = Mf / S
         elif name in ("seq_mean_token_sum_norm", "batch_token_sum_norm"):
@@ -393,6 +647,15 @@ def _positive(name, value, default):
     return value
 
 
+def _number(name, v, lo, lo_open=False):
+    """A finite real option >= lo (> lo with lo_open); a clear error naming it otherwise."""
+    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+        and math.isfinite(v) and (v > lo if lo_open else v >= lo)
+    if not ok:
+        raise ValueError(f"{name}: expected a finite number {'>' if lo_open else '>='} {lo:g}, got {v!r}")
+    return float(v)
+
+
 def _check_choice(arg, value, valid):
     if value not in valid:
         raise ValueError(f"{arg}: unknown value {value!r}; valid: {list(valid)}")
@@ -446,6 +709,16 @@ _add(name="bnpo", reference="old", advantage="group_norm", mask="ppo_clip", aggr
      citation="TRL loss_type='bnpo' (token mean of the local micro-batch)")
 _add(name="rloo", reference="policy", advantage="rloo", mask="none", aggregation="seq_mean_token_sum",
      citation="Kool et al. 2019; Ahmadian et al. 2024")
+_add(name="sapo", reference="old", advantage="group_norm", mask="sapo", aggregation="seq_mean_token_mean",
+     citation="Gao et al. 2025 (arXiv 2511.20347); TRL loss_type='sapo', verl policy_loss 'sapo': soft gate "
+     "4/tau sigmoid(tau (rho - 1)), tau 1.0 (A > 0) / 1.05")
+_add(name="luspo", reference="sequence_geometric", advantage="group_norm", mask="sequence_clip", eps_low=3e-4,
+     eps_high=4e-4, aggregation="seq_mean_token_sum",
+     citation="LUSPO (arXiv 2602.05261), as TRL loss_type='luspo' runs it: GSPO's sequence ratio and clip, each "
+     "sequence's token losses summed (its length weighs it), mean over sequences; GSPO's clip range")
+_add(name="vespo", reference="old", advantage="group_norm", mask="vespo", aggregation="global_token_mean",
+     citation="VESPO (arXiv 2602.10693), as TRL loss_type='vespo' runs it: stop-gradient gamma weight "
+     "phi(w) on the sequence product ratio, k/lambda 2/3 (A >= 0), 3/2 (A < 0); token-level normaliser")
 _add(name="hpt_paper", reference="old", advantage="group_norm", mask="ppo_clip",
      aggregation="seq_mean_token_sum", citation="HPT Eq. 11: the RL part of HPT as printed")
 _add(name="hpt_code", reference="old", advantage="group_mean", mask="none",

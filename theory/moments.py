@@ -232,6 +232,7 @@ def _setup(est, problem, logits, G, sampling, old_logits, gate, advantage_table)
         raise ValueError(f"problem: expected a theory.finite.FiniteProblem, got {type(problem).__name__}")
     G = positive_int("group_size", G)
     _check_choice("sampling", sampling, SCHEMES)
+    _check_finite_options(est)
     theta = problem.check_logits(logits)
     old_theta = None if old_logits is None else problem.check_logits(old_logits, "old_logits")
     log_pi = log_softmax(theta, axis=-1)
@@ -266,6 +267,20 @@ def _setup(est, problem, logits, G, sampling, old_logits, gate, advantage_table)
         raise ValueError(f"advantage_table: only for estimators with advantage 'given' ({est.name!r} computes its own)")
     sampler = beta if sampling == "demonstration" else np.exp(log_old)
     return _Setup(est, problem, G, sampling, gate, theta, old_theta, log_pi, log_old, sampler, beta, table)
+
+
+def _check_finite_options(est: UPGE) -> None:
+    """Options a finite problem cannot feed: a reference policy (KL), the sampler's own log-probs (rollout
+    correction), a quantile over the whole batch (top-entropy mask: the weights stop being per row)."""
+    if est.kl_coef > 0:
+        raise ValueError(f"estimator: kl_coef={est.kl_coef!r} needs a reference policy, which a FiniteProblem "
+                         "does not have; use kl_coef=0")
+    if est.rollout_correction != "none":
+        raise ValueError(f"estimator: rollout_correction={est.rollout_correction!r} needs the rollout engine's "
+                         "log-probs, which a FiniteProblem does not have; use 'none'")
+    if est.top_entropy_quantile < 1:
+        raise ValueError(f"estimator: top_entropy_quantile={est.top_entropy_quantile!r} couples the rows of a "
+                         "batch through a quantile; the exact moments need per-row weights (use 1.0)")
 
 
 def _check_choice(arg, value, valid):

@@ -175,6 +175,44 @@ def luffy(logp, old, A, M, is_demo, eps_low=0.2, eps_high=0.2, gamma=0.1, **_):
     return _mixed(logp, old, A, M, is_demo, shaped, eps_low, eps_high, False)
 
 
+def sapo(logp, old, A, M, tau_pos=1.0, tau_neg=1.05, **_):
+    """SAPO (arXiv 2511.20347; TRL loss_type='sapo', verl 'sapo'): per token -A * (4 / tau) *
+    sigmoid(tau (rho - 1)), tau = tau_pos if A > 0 else tau_neg; (1/B) sum_i (1/|o_i|) sum_t."""
+    total = torch.zeros((), dtype=logp.dtype)
+    for i, r in enumerate(_rows(M)):
+        tau = tau_pos if float(A[i]) > 0 else tau_neg
+        if r:
+            total = total + sum(-A[i] * 4 / tau * torch.sigmoid(tau * (torch.exp(logp[i, t] - old[i, t]) - 1))
+                                for t in r) / len(r)
+    return total / M.shape[0]
+
+
+def luspo(logp, old, A, M, eps_low=3e-4, eps_high=4e-4, **_):
+    """LUSPO as TRL 1.16 runs it (loss_type='luspo', sequence-level ratio): GSPO's clipped sequence surrogate on
+    every token of the sequence, summed over the sequence's tokens, mean over the B sequences."""
+    total = torch.zeros((), dtype=logp.dtype)
+    for i, r in enumerate(_rows(M)):
+        if r:
+            s = torch.exp(sum(logp[i, t] - old[i, t] for t in r) / len(r))
+            surrogate = -torch.minimum(s * A[i], s.clamp(1 - eps_low, 1 + eps_high) * A[i])
+            total = total + len(r) * surrogate
+    return total / M.shape[0]
+
+
+def vespo(logp, old, A, M, k_pos=2.0, lam_pos=3.0, k_neg=3.0, lam_neg=2.0, **_):
+    """VESPO as TRL 1.16 runs it: -phi(w_i) A_i log pi per token with phi(w) = e^lam w^k e^(-lam w) held constant,
+    w_i = prod_t pi/pi_old over the sequence (its log clamped to [log 1e-8, 20]); / number of valid tokens."""
+    total, n = torch.zeros((), dtype=logp.dtype), 0
+    for i, r in enumerate(_rows(M)):
+        log_w = min(max(sum(float((logp[i, t] - old[i, t]).detach()) for t in r), math.log(1e-8)), 20.0)
+        k, lam = (k_pos, lam_pos) if float(A[i]) >= 0 else (k_neg, lam_neg)
+        phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
+        total = total + sum(-phi * A[i] * logp[i, t] for t in r)
+        n += len(r)
+    return total / max(n, 1)
+
+
 REFERENCES = {"sft": sft, "ppo": ppo, "grpo": grpo, "reinforce": reinforce, "cispo": cispo, "gspo": gspo,
               "srft": srft, "luffy": luffy, "dapo": dapo, "dr_grpo": dr_grpo, "bnpo": bnpo, "rloo": rloo,
-              "hpt_paper": hpt_paper, "hpt_code": hpt_code}
+              "hpt_paper": hpt_paper, "hpt_code": hpt_code, "sapo": sapo,
+              "luspo": luspo, "vespo": vespo}

@@ -12,18 +12,56 @@ import torch
 from scale.loss import Row, Terms, rl_estimator
 from scale.methods import Method, register
 
+KL_KEYS = ("kl_coef", "kl_estimator", "kl_placement", "kl_aggregation", "kl_bias_correction")
+# estimator options the trainer cannot feed: the sampler's own log-probs, a quantile over the whole step
+NOT_IN_TRAINER = {"rollout_correction": "none", "top_entropy_quantile": 1.0}
+
 
 def rl_preset(cfg, name: str, **fixed):
-    """The estimator preset `name` with method.rl.estimator_options (and the method's own `fixed` options), in
-    the trainer's aggregation (`scale.loss.rl_estimator`); errors name the config key."""
+    """The estimator preset `name` with method.rl.estimator_options (and the method's own `fixed` options) and
+    the method.rl.kl_* keys, in the trainer's aggregation (`scale.loss.rl_estimator`); errors name the config
+    key."""
     from theory.estimator import PRESETS
 
     if name not in PRESETS:
         raise ValueError(f"method.rl.estimator: unknown preset {name!r}; valid: {sorted(PRESETS)}")
+    opts = cfg.method.rl.estimator_options or {}
+    clash = sorted(set(opts) & set(KL_KEYS))
+    if clash:
+        raise ValueError(f"method.rl.estimator_options: {clash} are set by method.rl.{clash[0]} and its kin "
+                         "(method.rl.kl_*), not here")
+    for key, off in NOT_IN_TRAINER.items():
+        if key in opts and opts[key] != off:
+            raise ValueError(f"method.rl.estimator_options: {key}={opts[key]!r} is not supported by the trainer "
+                             "yet (it needs the sampler's log-probs or a quantile over the whole step); "
+                             "theory.estimator offers it")
     try:
-        return rl_estimator(name, {**cfg.method.rl.estimator_options, **fixed}, cfg.generation.max_new_tokens)
+        est = rl_estimator(name, {**opts, **fixed}, cfg.generation.max_new_tokens)
     except (ValueError, TypeError) as e:
         raise ValueError(f"method.rl.estimator_options (preset {name!r}): {e}") from None
+    o = cfg.method.rl
+    try:
+        return est.replace(**{k: getattr(o, k) for k in KL_KEYS})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"method.rl.{str(e).split(':')[0]}: {e}") from None
+
+
+def kl_in_reward(tr, rows: list[Row], info: dict) -> list[float]:
+    """verl's use_kl_in_reward: each row's reward minus kl_coef * the sum over its tokens of the KL estimate at
+    the sampling policy's log-probs (the policy before this step's update) against the reference's. Logs the
+    global token mean of that KL as `kl_reward`."""
+    est = tr.terms.rl
+    tr.fill_old_logps(rows)
+    out, total, count = [], 0.0, 0.0
+    for rw, ref in zip(rows, tr.reference.token_logps(rows)):
+        old = torch.tensor(rw.old_logp, dtype=torch.float64)
+        v, _ = est.kl_per_token(old, torch.as_tensor(ref, dtype=torch.float64).reshape(old.shape))
+        out.append(rw.meta["reward"] - est.kl_coef * float(v.sum()))
+        total, count = total + float(v.sum()), count + v.numel()
+        rw.old_logp = None   # one update per batch stays on-policy (sg(logp)); several refill them in update()
+    s = tr.acc.reduce(torch.tensor([total, count], dtype=torch.float64, device=tr.acc.device), "sum")
+    info["kl_reward"] = float(s[0] / s[1].clamp(min=1))
+    return out
 
 
 def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, with_demo: bool = False) -> list[Row]:
@@ -49,7 +87,10 @@ def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, wit
         if with_demo:
             rows.append(demo_row(tr, e, idx[q], step, group=q))
     acc = tr.acc
-    R_all = acc.gather(torch.tensor([rw.meta["reward"] for rw in rows], dtype=torch.float64, device=acc.device))
+    est = tr.terms.rl
+    shaped = kl_in_reward(tr, rows, info) if est.kl_coef > 0 and est.kl_placement == "reward" else \
+        [rw.meta["reward"] for rw in rows]
+    R_all = acc.gather(torch.tensor(shaped, dtype=torch.float64, device=acc.device))
     # completion lengths: verl's token-whitened advantage (group_center_token_whiten_verl) weighs by them
     L_all = acc.gather(torch.tensor([float(rw.n_scored) for rw in rows], dtype=torch.float64, device=acc.device))
     A_all = tr.terms.rl.advantages(R_all.cpu(), group_size=n, lengths=L_all.cpu())
@@ -108,7 +149,7 @@ class RL(Method):
         idx = tr.local_indices(step, len(tr.data), self.cfg.run.batch_size)
         exs = [tr.data[i] for i in idx]
         rows = self.select(tr, rollout_rows(tr, exs, idx, step, info, self.with_demo), exs, info, idx=idx, step=step)
-        if tr.terms.kl_coef:
+        if tr.terms.rl.kl_coef and tr.terms.rl.kl_placement == "loss":
             for rw, lp in zip(rows, tr.reference.token_logps(rows)):
                 rw.ref_token_logp = lp.tolist()
         return rows

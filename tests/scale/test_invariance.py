@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cases(tr):
     """(name, global units, Terms, extra norms); a unit is the rows one prompt / pair / example brings."""
     from scale.loss import Row, Terms, rl_estimator, sft_estimator
+    from theory.estimator import KL_STYLES
 
     rng = random.Random(0)
     G = 4
@@ -51,6 +52,9 @@ def _cases(tr):
     pairs = [[Row(list(ex["chosen"]["input_ids"]), ex["chosen"]["prompt_len"], "chosen", ref_logp=-30.0 - i),
               Row(list(ex["rejected"]["input_ids"]), ex["rejected"]["prompt_len"], "rejected", ref_logp=-31.0)]
              for i, ex in enumerate(tr.pref[16:24])]
+    # KL to a reference: the reference's token log-probs, made up (the loss only reads them)
+    units_k = [[Row(r.input_ids, r.prompt_len, "rl", advantage=r.advantage,
+                    ref_token_logp=[-rng.random() * 3 for _ in range(r.n_scored)]) for r in u] for u in units_b]
     mixed_a = [u + s + d for u, s, d in zip(units_a, sft, pairs)]
     mixed_b = [u + s for u, s in zip(units_b, sft)]
     return [
@@ -66,6 +70,11 @@ def _cases(tr):
         # verl 0.9.1's seq-mean-token-sum-norm with S = rows that have a token (count_empty_rows=False)
         ("verl_norm_nonempty", units_c, Terms(rl=rl_estimator(
             "grpo", {"aggregation": "seq_mean_token_sum_norm", "count_empty_rows": False}, max_new_tokens=16)), {}),
+        # the KL term in the policy loss's own aggregation (TRL's and verl's), issue 14 item 4
+        ("grpo+kl_trl", units_k, Terms(rl=rl_estimator("grpo").replace(kl_coef=0.1, **KL_STYLES["trl"]),
+                                       kl_coef=0.1), {}),
+        ("dapo+kl_verl", units_k, Terms(rl=rl_estimator("dapo").replace(kl_coef=0.1, **KL_STYLES["verl"]),
+                                        kl_coef=0.1), {}),
     ]
 
 

@@ -24,6 +24,10 @@ RUNS = [  # (config, data set, extra overrides)
     ("tiny_luffy.yaml", "rl", {}),
     ("tiny_srft.yaml", "rl", {}),
     ("tiny_grpo.yaml", "rl", {"method.rl.estimator": "dapo", "method.rl.mini_batches": 2, "method.rl.kl_coef": 0.1}),
+    ("tiny_grpo.yaml", "rl", {"method.rl.kl_coef": 0.05, "method.rl.kl_aggregation": "policy",   # TRL's KL
+                              "method.rl.kl_bias_correction": True, "method.rl.mini_batches": 2}),
+    ("tiny_grpo.yaml", "rl", {"method.rl.kl_coef": 0.05, "method.rl.kl_placement": "reward",     # verl in-reward
+                              "method.rl.kl_estimator": "k1"}),
     ("tiny_sequential.yaml", "joint", {}),
     ("tiny_mix.yaml", "joint", {}),
     ("tiny_alright.yaml", "joint", {}),
@@ -51,6 +55,8 @@ def test_method_runs_through_cli(world, tmp_path, config, data, extra):
     if data == "rl":   # sampling methods only: what a row of SFT / DPO does not have (issue 16 item 10)
         for k in ("reward", "accuracy", "response_length", "clip_fraction", "kl", "offline_ratio", "generation_time"):
             assert math.isfinite(rows[-1][k]), k
+        if extra.get("method.rl.kl_placement") == "reward":
+            assert math.isfinite(rows[-1]["kl_reward"])
     else:
         assert not {"offline_ratio", "generation_time"} & set(rows[-1]), rows[-1]
     before, after = _params(world["model"]), _params(out / "final")

@@ -68,6 +68,14 @@ def upge_formula(est, logp, old, A, M, is_demo):
                 stable = 0.0 if out else 1.0
             if not demo and est.mask == "cispo":
                 weight = min(max(ratio, 1 - est.eps_low), 1 + est.eps_high)
+            if not demo and est.mask == "vespo":  # stop-gradient gamma weight on the sequence product ratio
+                log_w = min(max(sum(float(logp[i, u] - old[i, u]) for u in rows[i]), math.log(1e-8)), 20.0)
+                k, lam = (est.vespo_k_pos, est.vespo_lambda_pos) if a >= 0 else (est.vespo_k_neg, est.vespo_lambda_neg)
+                weight = math.exp(lam + k * log_w - lam * math.exp(log_w))
+            if not demo and est.mask == "sapo":  # d/dlogp of (4/tau) sigmoid(tau (rho - 1)) = 4 s (1 - s) rho
+                tau = est.sapo_tau_pos if a > 0 else est.sapo_tau_neg
+                s = 1 / (1 + math.exp(-tau * (ratio - 1)))
+                weight = 4 * s * (1 - s) * ratio
             agg = {"token_mean": 1 / n_tok, "global_token_mean": 1 / n_tok,
                    "seq_mean_token_mean": 1 / (B * len(rows[i])), "seq_mean_token_sum": 1 / B,
                    "seq_mean_token_sum_norm": 1 / (B * L), "batch_token_sum_norm": 1 / (B * L),

@@ -27,7 +27,9 @@ CUSTOM = {
                               aggregation="seq_mean_token_sum"),
     "is_behaviour": UPGE(reference="behaviour", advantage="raw", mask="none", aggregation="seq_mean_token_sum"),
     "dual_clip": UPGE(reference="old", advantage="group_norm", mask="dual_clip", eps_low=0.1, eps_high=0.1),
+    "opsm": preset("grpo", off_policy_mask_threshold=0.05),   # TRL's off-policy sequence mask (vs pi_old)
 }
+CASES += [("sapo", "on_policy", {}), ("luspo", "on_policy", {}), ("vespo", "on_policy", {}), ("opsm", "on_policy", {})]
 CASES += [("batch_std_trl", "on_policy", {}), ("token_whiten_verl", "on_policy", {}),
           ("is_behaviour", "demonstration", {}), ("is_behaviour", "on_policy", {}), ("dual_clip", "on_policy", {})]
 
@@ -241,9 +243,31 @@ def test_moments_properties():
 
 
 # ------------------------------------------------------------------ validation
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 10_000), G=st.integers(2, 4))
+def test_kin_estimators_reduce_to_grpo_where_they_should(seed, G):
+    """One-step problems: on-policy SAPO (gate slope 1 at rho = 1) and VESPO (phi(1) = 1) are GRPO exactly; LUSPO
+    (one token: the sequence sum is the token) is GRPO with GSPO's clip range, off-policy too."""
+    prob, theta, old = _problem(seed)
+    grpo = exact_moments(preset("grpo"), prob, theta, G)
+    for name in ("sapo", "vespo"):
+        m = exact_moments(preset(name), prob, theta, G)
+        np.testing.assert_allclose(m.mean, grpo.mean, rtol=0, atol=1e-13)
+        np.testing.assert_allclose(m.cov, grpo.cov, rtol=0, atol=1e-13)
+    kw = dict(old_logits=theta + 0.01 * old)   # ratios near 1: GSPO's narrow clip is active on some actions
+    a = exact_moments(preset("luspo"), prob, theta, G, **kw)
+    b = exact_moments(preset("grpo", eps_low=3e-4, eps_high=4e-4), prob, theta, G, **kw)
+    np.testing.assert_allclose(a.mean, b.mean, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(a.cov, b.cov, rtol=0, atol=1e-13)
+
+
 def test_bad_inputs_raise():
     prob, theta, _ = _problem(0)
     real, _, _ = _problem(0, real=True)
+    for opts, word in (({"kl_coef": 0.1}, "kl_coef"), ({"top_entropy_quantile": 0.5}, "top_entropy_quantile"),
+                       ({"rollout_correction": "token_truncate", "rollout_is_max": 2.0}, "rollout_correction")):
+        with pytest.raises(ValueError, match=word):
+            exact_moments(preset("grpo", **opts), prob, theta, 2)
     with pytest.raises(ValueError, match="group_size"):
         exact_moments(preset("grpo"), prob, theta, -1)
     with pytest.raises(ValueError, match="group_size"):
