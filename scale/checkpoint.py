@@ -6,8 +6,9 @@ Layout under `output_dir`:
                                   + trainer_state.json (step, data epoch) + extra.pt (schedule state)
     checkpoints/LATEST            the name of the newest complete checkpoint
 
-Writing: everything goes into `step-N.tmp/`; every file and the folder are fsync'ed; the folder is renamed
-to `step-N/` (`os.replace`); then `LATEST` is rewritten through a temporary file, fsync and `os.replace`;
+Writing: the main process creates `step-N.tmp/`, then every process writes its part into it (under FSDP2 and
+ZeRO each rank writes its shards), and after a barrier the main process fsyncs every file and the folder,
+and renames it to `step-N/` (`os.replace`); then `LATEST` is rewritten through a temporary file, fsync and `os.replace`;
 only then are older checkpoints deleted. A crash at any point leaves `LATEST` naming a complete
 checkpoint (the previous one until the pointer moves). A leftover `*.tmp` folder is ignored and
 cleaned on the next save.
@@ -149,6 +150,7 @@ def save(accelerator, output_dir: str | Path, step: int, trainer_state: dict, ex
         root.mkdir(parents=True, exist_ok=True)
         for old in root.glob("*.tmp"):
             shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir()   # before any rank writes its shard into it (FSDP2 / ZeRO: every rank writes)
     accelerator.wait_for_everyone()
     what = f"checkpoint of step {step}"
     with cleaned_on_failure(tmp, what, clean=accelerator.is_main_process):
@@ -156,6 +158,7 @@ def save(accelerator, output_dir: str | Path, step: int, trainer_state: dict, ex
         if accelerator.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
             torch.save(extra, tmp / "extra.pt")
+    accelerator.wait_for_everyone()   # every rank's files are written before the folder is published
     if accelerator.is_main_process:
         if _fail_after_state:  # tests: a crash (kill -9) after the files are written, before publishing
             raise RuntimeError("simulated crash while writing a checkpoint")

@@ -126,3 +126,20 @@ def test_engine_check_refuses_before_the_model_loads(world, tmp_path, monkeypatc
     for k in env:
         monkeypatch.delenv(k)
     check_engine(_acc("MULTI_CPU", 2), load_config(None, base_overrides(world, "sft", "sft", tmp_path)))  # fine
+
+
+@pytest.mark.parametrize("engine,dtype", [("fsdp2", "float64"), ("zero3", "float32"),
+                                          pytest.param("zero2", "float32", marks=pytest.mark.slow)])
+def test_engine_resume_equals_uninterrupted(world, tmp_path, engine, dtype):
+    """A run stopped after 2 of 3 steps (a sharded checkpoint: every rank writes its part into the folder the
+    main process created) and resumed ends where the uninterrupted run ends, bit for bit."""
+    if engine.startswith("zero"):
+        import deepspeed  # noqa: F401
+    ov = {"model.dtype": dtype, "run.cpu": True, "run.save_model": True, "run.max_steps": 3, "run.save_every": 1}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _launch(engine, 2, base_overrides(world, "sft", "sft", full, **ov))
+    _launch(engine, 2, base_overrides(world, "sft", "sft", cut, **ov, **{"run.stop_after": 2}))
+    assert not (cut / "final").exists() and (cut / "checkpoints" / "step-000002").is_dir()
+    _launch(engine, 2, base_overrides(world, "sft", "sft", cut, **ov, **{"run.resume": True}))
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (full, cut))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
