@@ -19,7 +19,10 @@ its cells ran, to fit the time (cells took 11 minutes each with four processes o
 judgement of the same config on the same seeds is in the README (held-out middle avg@8 0.81).
 Held-out evaluation: the 384-problem test set (64 per level) every 20 steps, avg@8 and greedy; the 96-problem
 probe set (16 per level) every 10 steps, per-problem counts for the heatmaps. Pass@k: `ptlab eval` with
-256 samples per problem on the probe's 32 hard problems (levels 5 and 6), for each final model and the base.
+256 samples per problem (temperature 1, at most 40 new tokens, the world's cap) on the probe's 32 hard
+problems (levels 5 and 6), for each final model and the base. (The first version of this call left
+`ptlab eval`'s default cap of 256 new tokens, beyond the tiny model's 128 positions; it was fixed after two
+of these evaluations had run, before any was compared, and they were redone.)
 
 What was seen before these rules were written: the shipped tiny configs on seeds 1-3 (issue 11's
 judgement, README table) with RL at 60 steps and SFT at 3000 steps: held-out middle avg@8 SFT 0.81, SRFT
@@ -110,6 +113,7 @@ COLOR = {"sft": "tab:gray", "grpo": "tab:blue", "sft_grpo": "tab:purple", "luffy
 LEVELS = {"middle": (3, 4), "hard": (5, 6)}
 RL_STEPS = 60
 PASSK_N = 256
+MAX_NEW_TOKENS = 40   # the world's generation cap, as in training and in-training evaluation
 KEY = "eval/test/{}/avg@8"
 
 
@@ -152,7 +156,8 @@ def pass_at_k(out: Path, dirs: dict[str, dict[int, Path]]) -> tuple[dict, float]
             tmp = dest.with_suffix(".tmp")
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "experiments.cli", "eval", str(model), str(probe), "--n",
-                            str(PASSK_N), "--seed", str(s), "--batch-size", "8", "--out", str(tmp)], check=True)
+                            str(PASSK_N), "--seed", str(s), "--batch-size", "8", "--max-new-tokens",
+                            str(MAX_NEW_TOKENS), "--out", str(tmp)], check=True)
             res = json.loads(tmp.read_text())
             res["seconds"] = time.perf_counter() - t0
             tmp.write_text(json.dumps(res))
