@@ -348,7 +348,7 @@ def hpt_passk(out: Path) -> FigureResult:
     fig, ax = plt.subplots(figsize=(6, 4))
     at_max = {}
     for m in ("base", *METHODS):
-        ys = np.array([[res[f"pass@{k}"] for k in ks()] for res in pk[m].values()])
+        ys = np.array([[res["metrics"][f"pass@{k}"] for k in ks()] for res in pk[m].values()])
         at_max[m] = float(ys[:, -1].mean())
         ax.plot(ks(), ys.mean(0), marker=".", color=COLOR[m], label=LABEL[m])
         if len(ys) > 1:

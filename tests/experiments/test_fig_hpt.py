@@ -118,7 +118,7 @@ def _synthetic(tmp_path) -> dict:
                               "correct": rng.randint(0, 8), "greedy": 0} for lv in range(1, 7) for i in range(3)]
             (d / "eval_records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
             metrics.setdefault(v, {})[s], dirs.setdefault(v, {})[s] = rows, d
-    res = lambda: {f"pass@{k}": min(1.0, rng.random() * k / 8) for k in fh.ks()}   # noqa: E731
+    res = lambda: {"metrics": {f"pass@{k}": min(1.0, rng.random() * k / 8) for k in fh.ks()}}   # noqa: E731
     passk = {m: {s: res() for s in (1, 2, 3)} for m in fh.METHODS} | {"base": {0: res()}}
     return {"metrics": metrics, "dirs": dirs, "passk": passk, "seconds": 120.0}
 
