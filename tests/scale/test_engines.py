@@ -128,7 +128,8 @@ def test_engine_check_refuses_before_the_model_loads(world, tmp_path, monkeypatc
     check_engine(_acc("MULTI_CPU", 2), load_config(None, base_overrides(world, "sft", "sft", tmp_path)))  # fine
 
 
-@pytest.mark.parametrize("engine,dtype", [("fsdp2", "float64"), ("zero3", "float32"),
+@pytest.mark.parametrize("engine,dtype", [("fsdp2", "float64"),   # ZeRO: slow (64 s, the default suite's budget)
+                                          pytest.param("zero3", "float32", marks=pytest.mark.slow),
                                           pytest.param("zero2", "float32", marks=pytest.mark.slow)])
 def test_engine_resume_equals_uninterrupted(world, tmp_path, engine, dtype):
     """A run stopped after 2 of 3 steps (a sharded checkpoint: every rank writes its part into the folder the
