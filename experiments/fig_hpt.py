@@ -188,7 +188,7 @@ def records(run_dir: Path, set_name: str) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["set"] == set_name]
 
 
-def train_curve(rows: list[dict], key: str, lo: int, hi: int) -> float:
+def train_mean(rows: list[dict], key: str, lo: int, hi: int) -> float:
     """Mean of a training metric over steps lo..hi (inclusive)."""
     vals = [r[key] for r in rows if key in r and lo <= r.get("step", -1) <= hi and "loss" in r]
     if not vals:
@@ -454,11 +454,11 @@ def dynamics_verdict(m: dict) -> tuple[str, dict[str, bool]]:
     early, late = (1, 10), (RL_STEPS - 9, RL_STEPS)
     claims = {
         "offline ratio falls and stays above 0": all(
-            train_curve(r, "offline_ratio", *early) > train_curve(r, "offline_ratio", *late) > 0 for r in hpt.values()),
-        "entropy above GRPO's": beats({s: train_curve(r, "entropy", 1, RL_STEPS) for s, r in hpt.items()},
-                                      {s: train_curve(r, "entropy", 1, RL_STEPS) for s, r in grpo.items()}),
+            train_mean(r, "offline_ratio", *early) > train_mean(r, "offline_ratio", *late) > 0 for r in hpt.values()),
+        "entropy above GRPO's": beats({s: train_mean(r, "entropy", 1, RL_STEPS) for s, r in hpt.items()},
+                                      {s: train_mean(r, "entropy", 1, RL_STEPS) for s, r in grpo.items()}),
         "response length grows": all(
-            train_curve(r, "response_length", *late) > train_curve(r, "response_length", *early) for r in hpt.values()),
+            train_mean(r, "response_length", *late) > train_mean(r, "response_length", *early) for r in hpt.values()),
     }
     return grade(list(claims.values())), claims
 
@@ -502,7 +502,7 @@ def hpt_gate(out: Path) -> FigureResult:
     colors = dict(zip(GATE, ("tab:red", "tab:purple", "tab:brown")))
     ratio, score = {}, {}
     for gamma, v in GATE.items():
-        ratio[gamma] = per_seed(m, v, lambda r: train_curve(r, "offline_ratio", 1, RL_STEPS))
+        ratio[gamma] = per_seed(m, v, lambda r: train_mean(r, "offline_ratio", 1, RL_STEPS))
         score[gamma] = per_seed(m, v, macro)
         for ax, key in zip(axes, ("reward", "offline_ratio")):
             _band(ax, [_train_curve(rows, key) for rows in m[v].values()], f"gamma = {gamma:g}", colors[gamma])

@@ -54,8 +54,7 @@ class Terms:
     rl: UPGE | None = None
     sft: UPGE | None = None
     dpo_beta: float | None = None
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.0   # > 0: the rows carry the reference's token log-probs; the KL itself is terms.rl's
+    entropy_coef: float = 0.0   # the KL term is the rl estimator's own (its kl_* options)
 
 
 def rl_estimator(name: str, options: dict | None = None, max_new_tokens: int | None = None) -> UPGE:

@@ -140,7 +140,7 @@ class RL(Method):
 
     def terms(self, tr) -> Terms:
         o = self.cfg.method.rl
-        return Terms(rl=rl_preset(self.cfg, self.preset()), entropy_coef=o.entropy_coef, kl_coef=o.kl_coef)
+        return Terms(rl=rl_preset(self.cfg, self.preset()), entropy_coef=o.entropy_coef)
 
     def updates_per_step(self) -> int:
         return self.cfg.method.rl.mini_batches * self.cfg.method.rl.epochs

@@ -85,9 +85,9 @@ def test_readers():
             {"step": 1, "loss": 1.0, "entropy": 2.0}, {"step": 2, "loss": 1.0, "entropy": 4.0},
             {"step": 2, "eval/test/middle/avg@8": 0.5, "eval/test/hard/avg@8": 0.1}]
     assert fh.macro(rows) == pytest.approx(0.3) and fh.macro(rows, step=0) == pytest.approx(0.1)
-    assert fh.train_curve(rows, "entropy", 1, 2) == 3.0
+    assert fh.train_mean(rows, "entropy", 1, 2) == 3.0
     with pytest.raises(ValueError, match="entropy"):
-        fh.train_curve(rows, "entropy", 5, 9)
+        fh.train_mean(rows, "entropy", 5, 9)
     with pytest.raises(ValueError, match="never logged"):
         fh.final(rows, "reward")
 

@@ -71,10 +71,8 @@ def _cases(tr):
         ("verl_norm_nonempty", units_c, Terms(rl=rl_estimator(
             "grpo", {"aggregation": "seq_mean_token_sum_norm", "count_empty_rows": False}, max_new_tokens=16)), {}),
         # the KL term in the policy loss's own aggregation (TRL's and verl's), issue 14 item 4
-        ("grpo+kl_trl", units_k, Terms(rl=rl_estimator("grpo").replace(kl_coef=0.1, **KL_STYLES["trl"]),
-                                       kl_coef=0.1), {}),
-        ("dapo+kl_verl", units_k, Terms(rl=rl_estimator("dapo").replace(kl_coef=0.1, **KL_STYLES["verl"]),
-                                        kl_coef=0.1), {}),
+        ("grpo+kl_trl", units_k, Terms(rl=rl_estimator("grpo").replace(kl_coef=0.1, **KL_STYLES["trl"])), {}),
+        ("dapo+kl_verl", units_k, Terms(rl=rl_estimator("dapo").replace(kl_coef=0.1, **KL_STYLES["verl"])), {}),
     ]
 
 

@@ -44,7 +44,7 @@ def test_default_kl_term_is_the_earlier_one():
     M = mb["score_mask"]
     norms = {"rl_tokens": float(M.sum()), "rl_rows": 4.0, "rl_nonempty_rows": 4.0, "all_tokens": float(M.sum())}
     cfg = load_config(None, BASE + ["method.rl.kl_coef=0.1"])
-    terms = Terms(rl=rl_preset(cfg, "grpo"), kl_coef=0.1)
+    terms = Terms(rl=rl_preset(cfg, "grpo"))
     loss, stats = micro_loss(logp, torch.zeros_like(logp), mb, terms, norms)
     delta = (mb["ref_token_logp"] - logp).clamp(-20, 20)
     k3 = torch.where(M, torch.exp(delta) - delta - 1, torch.zeros_like(logp))
