@@ -119,6 +119,19 @@ def _sweep_run(a: argparse.Namespace) -> int:
     return sweep_main(a.sweep, jobs=a.jobs, dry=a.dry_run, report_only=a.report_only)
 
 
+def _ideal_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="a joint sft_dpo YAML config (e.g. experiments/configs/tiny_mix.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for train")
+    p.add_argument("--out", type=Path, required=True, help="folder of the two runs and ideal_point.json")
+
+
+def _ideal_run(a: argparse.Namespace) -> int:
+    from experiments.ideal_point import ideal_point
+
+    ideal_point(a.config, a.overrides, a.out)
+    return 0
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=("show", "schema"),
                    help="show: the resolved config (every default filled in) as YAML; schema: every key with "
@@ -151,6 +164,8 @@ COMMANDS = {
     "train": (_train_args, _train_run, "train a model with any method of scale/methods/ (scale/train.py)"),
     "eval": (_eval_args, _eval_run, "pass@k and avg@n of a model on a JSONL benchmark (scale/evaluate.py)"),
     "sweep": (_sweep_args, _sweep_run, "run method x grid x seed training cells and report over seeds"),
+    "ideal-point": (_ideal_args, _ideal_run, "f*_SFT and f*_DPO of a joint config: one run per objective "
+                    "(MAXRIGHT's inputs, the ideal point)"),
     "config": (_config_args, _config_run, "print a resolved config (show) or every config key (schema)"),
 }
 

@@ -243,6 +243,8 @@ class EvalSet:
     limit: int = 0                    # first `limit` rows (0: all)
     every: int = -1                   # this set's own interval (-1: eval.every; 0: only at the end), e.g.
     #                                   a small probe set evaluated more often than the full test set
+    reward: str = ""                  # generate sets: this set's own reward ("": eval.reward), e.g. a
+    #                                   task metric that grades the style of an answer, not only its value
 
 
 @dataclass

@@ -49,16 +49,18 @@ class HeldOut:
                                 keep=("id", *GROUPS), max_new_tokens=max_new if s.kind == "generate" else 0,
                                 other_columns=s.kind == "generate")   # the reward functions get them
             self.sets.append((s, data))
-        self.reward_fn = None
+        self.rewards = {}   # set name -> its reward (the set's own, else eval.reward, else the method's)
         if any(s.kind == "generate" for s in self.cfg.sets):
             from scale.rewards import load_rewards
 
             rl = trainer.cfg.method.rl
-            self.reward_fn = load_rewards(self.cfg.reward, key="eval.reward") if self.cfg.reward else \
+            default = load_rewards(self.cfg.reward, key="eval.reward") if self.cfg.reward else \
                 load_rewards(rl.reward, rl.reward_weights, "method.rl.reward")
-            for s, data in self.sets:  # each function's signature against the set's columns, before the model
+            for i, (s, data) in enumerate(self.sets):  # each signature against the set's columns, before the model
                 if s.kind == "generate":
-                    self.reward_fn.check(data[0].get("columns", {}))
+                    fn = load_rewards(s.reward, key=f"eval.sets[{i}].reward") if s.reward else default
+                    fn.check(data[0].get("columns", {}))
+                    self.rewards[s.name] = fn
 
     def due(self, step: int, last: int) -> bool:
         return any(self._set_due(s, step, last) for s, _ in self.sets)
@@ -107,12 +109,12 @@ class HeldOut:
                      "columns": e.get("columns", {}), **{k: e[k] for k in GROUPS if k in e}}
                     for i, e in zip(mine[lo:lo + c.batch_size], chunk)]
             state = SimpleNamespace(global_step=step, max_steps=t.cfg.run.max_steps)
-            per = grade(rows, [texts[j * c.n:(j + 1) * c.n] for j in range(len(chunk))], self.reward_fn, c.n,
+            per = grade(rows, [texts[j * c.n:(j + 1) * c.n] for j in range(len(chunk))], self.rewards[s.name], c.n,
                         completion_ids=[sampled[j * c.n:(j + 1) * c.n] for j in range(len(chunk))],
                         trainer_state=state)
             if greedy is not None:
                 g_texts = t.tok.batch_decode(greedy, skip_special_tokens=True)
-                g_per = grade(rows, [[x] for x in g_texts], self.reward_fn, 1,
+                g_per = grade(rows, [[x] for x in g_texts], self.rewards[s.name], 1,
                               completion_ids=[[x] for x in greedy], trainer_state=state)
                 for p, g in zip(per, g_per):
                     p["greedy"] = g["correct"]

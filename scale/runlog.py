@@ -43,6 +43,22 @@ class Logger:
             self.tb.close()
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB since it started (Linux: VmHWM, which, unlike
+    getrusage's ru_maxrss, does not count the parent's image that a freshly spawned process briefly shares)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024   # bytes on macOS, KiB elsewhere
+
+
 def progress(total, start, enabled):
     if not enabled:
         return None

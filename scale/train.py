@@ -39,7 +39,7 @@ from scale.logprobs import Policy
 from scale.loss import Row, collate, local_counts, micro_loss, split_rows
 from scale.methods import get_method
 from scale.reference import Reference
-from scale.runlog import Logger, progress
+from scale.runlog import Logger, peak_rss_mb, progress
 
 STAT_KEYS = ("rl_loss", "sft_loss", "dpo_loss", "clip_sum", "ratio_sum", "kl_sum", "sft_nll_sum", "dpo_loss_sum",
              "dpo_acc_sum", "dpo_margin_sum", "entropy_sum")
@@ -330,7 +330,8 @@ class Trainer:
         t_gen = time.perf_counter() - t0
         metrics = self.method.update(self, rows, info)
         dt = time.perf_counter() - t0
-        metrics.update(info, step=step + 1, step_time=dt, tokens_per_s=metrics["tokens"] / dt)
+        metrics.update(info, step=step + 1, step_time=dt, tokens_per_s=metrics["tokens"] / dt,
+                       peak_rss_mb=peak_rss_mb())
         if self.method.rollouts:
             metrics["generation_time"] = t_gen
         else:   # no demonstrations-versus-samples ratio without samples

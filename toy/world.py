@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,13 +89,18 @@ def split_of(level: int, operands: tuple[int, ...]) -> str:
 def solve(level: int, operands: tuple[int, ...]) -> tuple[str, list[tuple[str, int]], int]:
     """(question expression, worked steps as (expression, value), final value): left to right."""
     L = _check_level(level)
+    steps, value = _steps(L.ops, operands)
+    question = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(L.ops, operands[1:])])
+    return question, steps, value
+
+
+def _steps(ops: tuple[str, ...], operands: tuple[int, ...]) -> tuple[list[tuple[str, int]], int]:
     steps, acc = [], operands[0]
-    for op, x in zip(L.ops, operands[1:]):
+    for op, x in zip(ops, operands[1:]):
         value = acc + x if op == "+" else acc - x
         steps.append((f"{acc} {op} {x}", value))
         acc = value
-    question = " ".join([str(operands[0])] + [f"{op} {x}" for op, x in zip(L.ops, operands[1:])])
-    return question, steps, acc
+    return steps, acc
 
 
 def worked(steps: list[tuple[str, int]], final: int) -> str:
@@ -152,6 +158,33 @@ def pretraining_pairs(n: int, levels: dict[int, float], noisy: tuple[int, ...], 
     return out
 
 
+def parse_prompt(prompt: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(operators, operands) of a world prompt "What is 23 + 4 - 5?"; ValueError for any other text."""
+    m = re.fullmatch(r"What is (\d+(?: [+-] \d+)+)\?\s*", prompt)
+    if m is None:
+        raise ValueError(f"prompt: expected a world question like 'What is 23 + 4?', got {prompt!r}")
+    tokens = m.group(1).split(" ")
+    return tuple(tokens[1::2]), tuple(int(x) for x in tokens[0::2])
+
+
+def worked_of(prompt: str) -> str:
+    """The worked solution of a world prompt (left to right, as `solve`)."""
+    return worked(*_steps(*parse_prompt(prompt)))
+
+
+# Task metrics of the XRIGHT miniature (rewards for `eval.sets[i].reward`): which of the two conflicting
+# styles a completion takes, given that it is right. The SFT data teaches `terse`, the preference data
+# prefers `worked`; a completion matches at most one of them.
+def terse_reward(completions: list[str], answer: list[str], **kwargs) -> list[float]:
+    """1.0 when the completion is exactly the terse answer (the SFT target), else 0.0."""
+    return [float(c.strip() == terse(int(a))) for c, a in zip(completions, answer)]
+
+
+def worked_reward(completions: list[str], prompts: list[str], **kwargs) -> list[float]:
+    """1.0 when the completion is exactly the right worked solution (the preferred answer), else 0.0."""
+    return [float(c.strip() == worked_of(p)) for c, p in zip(completions, prompts)]
+
+
 def _cols(rows: list[dict], **spec) -> list[dict]:
     """Rename / select columns: spec maps output column -> input column."""
     return [{k: r[v] for k, v in spec.items()} for r in rows]
@@ -172,6 +205,8 @@ def write_world(out_dir: str | Path, n_train: int = 256, n_test: int = 64, n_pro
       test_sft.jsonl    prompt, completion (worked): sft.jsonl's loss    n_test per level
       test_terse.jsonl  prompt, completion (terse): sft_terse's loss     levels 1-4, n_test per level
       test_pref.jsonl   prompt, chosen, rejected: dpo.jsonl's loss       levels 1-4, n_test per level
+      test_style.jsonl  id, prompt, answer, level, role                  levels 1-4 of test.jsonl: the
+                        prompts that the style task metrics (terse_reward, worked_reward) grade
     """
     out_dir = Path(out_dir)
     train = {lv: examples(lv, "train", n_train) for lv in LEVELS}
@@ -191,6 +226,8 @@ def write_world(out_dir: str | Path, n_train: int = 256, n_test: int = 64, n_pro
         "test_terse": _cols(_all({lv: test[lv] for lv in (1, 2, 3, 4)}), prompt="prompt", completion="terse"),
         "test_pref": _cols(_all({lv: test[lv] for lv in (1, 2, 3, 4)}), prompt="prompt", chosen="worked",
                            rejected="terse"),
+        "test_style": _cols([r for r in tests if r["level"] <= 4], id="id", prompt="prompt", answer="answer",
+                            level="level", role="role"),
     }
     return {name: write_jsonl(_interleave(rows), out_dir / f"{name}.jsonl") for name, rows in files.items()}
 

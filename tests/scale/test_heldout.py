@@ -60,6 +60,25 @@ def test_a_set_with_its_own_interval(world, tmp_path):
     assert [r["step"] for r in rows if "eval/hsft/f_sft" in r] == [0, 3]
 
 
+def always_right(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def test_a_set_with_its_own_reward(world, tmp_path):
+    """eval.sets[i].reward grades that set only; the other set keeps the method's reward; a bad one fails
+    naming the set's key before the model loads."""
+    out = tmp_path / "run"
+    sets = json.loads(_sets(world, "generate")) * 2
+    sets[1] = {**sets[1], "name": "mine", "reward": "tests.scale.test_heldout:always_right"}
+    Trainer(_cfg(world, out, **{"run.max_steps": 1, "eval.n": 2, "eval.sets": sets})).train()
+    rows = [r for r in read_metrics(out) if "eval/mine/avg@2" in r]
+    assert [(r["eval/mine/avg@2"], r["eval/mine/greedy"]) for r in rows] == [(1.0, 1.0)] * 2
+    assert any(r["eval/hgenerate/avg@2"] < 1.0 for r in rows)    # the tiny model gets some wrong
+    sets[1]["reward"] = "tests.scale.test_heldout:no_such_function"
+    with pytest.raises((ValueError, AttributeError, ImportError), match=r"eval\.sets\[1\]\.reward"):
+        Trainer(_cfg(world, tmp_path / "bad", **{"eval.sets": sets}))
+
+
 def test_heldout_objectives_equal_plain_references(world, tmp_path):
     t = Trainer(_cfg(world, tmp_path / "run", method="sft", data="sft",
                      **{"eval.sets": json.loads(_sets(world, "sft", "dpo"))}))

@@ -50,7 +50,7 @@ def test_method_runs_through_cli(world, tmp_path, config, data, extra):
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        for k in ("loss", "grad_norm", "entropy", "tokens_per_s", "lr"):
+        for k in ("loss", "grad_norm", "entropy", "tokens_per_s", "lr", "peak_rss_mb"):
             assert math.isfinite(r[k]), (k, r)
     if data == "rl":   # sampling methods only: what a row of SFT / DPO does not have (issue 16 item 10)
         for k in ("reward", "accuracy", "response_length", "clip_fraction", "kl", "offline_ratio", "generation_time"):

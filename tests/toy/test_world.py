@@ -78,3 +78,20 @@ def test_pretraining_mixture_uses_train_problems_with_the_stated_noise():
     assert all(right[1])                                         # clean level: always right
     frac = sum(right[3]) / len(right[3])                         # ~2000 draws: sd 0.011, tolerance 4 sd
     assert abs(frac - 0.35) < 0.045
+
+
+def test_style_rewards_grade_each_style_exactly_and_never_both():
+    from toy.world import parse_prompt, terse_reward, worked_of, worked_reward
+
+    for lv in LEVELS:
+        for p in pool(lv, "test")[:20]:
+            r = example(lv, p)
+            assert worked_of(r["prompt"]) == r["worked"]          # independent of the level: parsed from the text
+            comps = [r["terse"], r["worked"], r["worked"].replace(r["answer"] + ".", str(int(r["answer"]) + 1) + "."),
+                     " " + r["terse"] + "\n"]
+            t = terse_reward(comps, answer=[r["answer"]] * 4)
+            w = worked_reward(comps, prompts=[r["prompt"]] * 4)
+            assert t == [1.0, 0.0, 0.0, 1.0] and w == [0.0, 1.0, 0.0, 0.0]
+    assert parse_prompt("What is 23 + 4 - 5?\n") == (("+", "-"), (23, 4, 5))
+    with pytest.raises(ValueError, match="prompt"):
+        worked_of("Compute 2 + 2")
