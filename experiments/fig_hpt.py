@@ -93,6 +93,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.registry import FigureResult, figure, save_figure  # noqa: E402
+from experiments.verdicts import band, beats, final, grade, mean_ci  # noqa: E402
 
 SWEEP = Path("experiments/sweeps/hpt_set.yaml")
 WORLD = Path("runs/tiny")
@@ -169,14 +170,6 @@ def pass_at_k(out: Path, dirs: dict[str, dict[int, Path]]) -> tuple[dict, float]
 
 
 # ------------------------------------------------------------------------------------------ readers
-def final(rows: list[dict], key: str) -> float:
-    """The last logged value of `key` (ValueError when it was never logged)."""
-    for r in reversed(rows):
-        if key in r:
-            return float(r[key])
-    raise ValueError(f"metric {key!r} was never logged")
-
-
 def macro(rows: list[dict], step: int | None = None) -> float:
     """Mean of the middle and hard test avg@8, at the last evaluation or at `step`."""
     pick = [r for r in rows if step is None or r.get("step") == step]
@@ -199,35 +192,6 @@ def train_mean(rows: list[dict], key: str, lo: int, hi: int) -> float:
 def per_seed(metrics: dict, method: str, fn) -> dict[int, float]:
     """{seed: fn(rows)} of one method."""
     return {s: fn(rows) for s, rows in metrics[method].items()}
-
-
-def beats(variant: dict[int, float], baseline: dict[int, float]) -> bool:
-    """Strictly higher in every paired seed (and at least one seed shared)."""
-    seeds = set(variant) & set(baseline)
-    return bool(seeds) and all(variant[s] > baseline[s] for s in seeds)
-
-
-def grade(claims: list[bool], partly_if_any: bool = True) -> str:
-    """yes when every claim holds, partly when some do, no when none."""
-    if all(claims):
-        return "yes"
-    return "partly" if any(claims) and partly_if_any else "no"
-
-
-def _mean_ci(values) -> str:
-    from experiments.sweep import summarise
-
-    s = summarise(values)
-    ci = f" [{s['ci'][0]:+.3f}, {s['ci'][1]:+.3f}]" if s["ci"] else ""
-    return f"{s['mean']:.3f}{ci}"
-
-
-def _band(ax, curves: list[dict[int, float]], label: str, color: str) -> None:
-    from experiments.sweep import mean_curve
-
-    x, mean, lo, hi = mean_curve(curves)
-    ax.plot(x, mean, color=color, label=label)
-    ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
 
 
 def _eval_curve(rows: list[dict], fn) -> dict[int, float]:
@@ -268,7 +232,7 @@ def hpt_main_table(out: Path) -> FigureResult:
                  for c in cols]
         allv = np.mean(list(per_seed(m, meth, lambda r: final(r, "eval/test/avg@8")).values()))
         diffs = [scores[meth][s] - scores[MAIN][s] for s in sorted(scores[meth])]
-        lines.append(f"| {LABEL[meth]} | " + " | ".join(cells) + f" | {allv:.3f} | {_mean_ci(scores[meth].values())}"
+        lines.append(f"| {LABEL[meth]} | " + " | ".join(cells) + f" | {allv:.3f} | {mean_ci(scores[meth].values())}"
                      f" | {', '.join(f'{d:+.3f}' for d in diffs)} |")
     held, won = main_verdict(scores)
     (out / "hpt_main_table.md").write_text(
@@ -431,7 +395,7 @@ def hpt_validation(out: Path) -> FigureResult:
     means = {}
     for meth in METHODS:
         curves = [_eval_curve(rows, _macro_of_row) for rows in m[meth].values()]
-        _band(ax, curves, LABEL[meth], COLOR[meth])
+        band(ax, curves, LABEL[meth], COLOR[meth])
         means[meth] = {t: float(np.mean([c[t] for c in curves])) for t in (20, 40, RL_STEPS)}
     ax.set(xlabel="RL step (SFT->GRPO: its GRPO stage)", ylabel="held-out avg@8, mean of middle and hard")
     ax.legend(fontsize=7)
@@ -470,7 +434,7 @@ def hpt_dynamics(out: Path) -> FigureResult:
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     for ax, key in zip(axes, ("offline_ratio", "entropy", "response_length")):
         for meth in ("grpo", "luffy", *HPT):
-            _band(ax, [_train_curve(rows, key) for rows in m[meth].values()], LABEL[meth], COLOR[meth])
+            band(ax, [_train_curve(rows, key) for rows in m[meth].values()], LABEL[meth], COLOR[meth])
         ax.set(xlabel="step", title=key.replace("_", " "))
     n = 8   # generation.n of the RL configs: LUFFY puts one demonstration among n samples
     axes[0].axhline(1 / n, color=COLOR["luffy"], linestyle=":", label=f"1/{n} (LUFFY's constant)")
@@ -505,7 +469,7 @@ def hpt_gate(out: Path) -> FigureResult:
         ratio[gamma] = per_seed(m, v, lambda r: train_mean(r, "offline_ratio", 1, RL_STEPS))
         score[gamma] = per_seed(m, v, macro)
         for ax, key in zip(axes, ("reward", "offline_ratio")):
-            _band(ax, [_train_curve(rows, key) for rows in m[v].values()], f"gamma = {gamma:g}", colors[gamma])
+            band(ax, [_train_curve(rows, key) for rows in m[v].values()], f"gamma = {gamma:g}", colors[gamma])
     for ax, key in zip(axes, ("training reward", "offline-data ratio")):
         ax.set(xlabel="step", title=key)
     axes[0].legend(fontsize=8)
@@ -535,7 +499,7 @@ def hpt_table5(out: Path) -> FigureResult:
     main, others = "SFT/ON (HPT)", [k for k in TABLE5 if k != "SFT/ON (HPT)"]
     won = {o: beats(scores[main], scores[o]) for o in others}
     lines = ["| paradigm | MACRO per seed | MACRO (mean [95% CI]) |", "|---|---|---|"]
-    lines += [f"| {k} | {', '.join(f'{x:.3f}' for x in v.values())} | {_mean_ci(v.values())} |"
+    lines += [f"| {k} | {', '.join(f'{x:.3f}' for x in v.values())} | {mean_ci(v.values())} |"
               for k, v in scores.items()]
     title = "# HPT (code): what the gated demonstrations train\n\n"
     (out / "hpt_table5.md").write_text(title + "\n".join(lines) + "\n")
