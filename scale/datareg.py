@@ -65,6 +65,25 @@ from scale.config import (  # noqa: E402  (the options live with the config sche
 from theory import projection as tp
 
 
+# ---------------------------------------------------------------------------------------------- statistics
+def selection_stats(info: dict, n: int) -> dict[str, float]:
+    """What a subset rule did in one call of ``DataReg.step`` (its ``info``; n samples in the batch), for the
+    training log: the mean over groups of the scores' standard deviation and of the share of positive scores,
+    the share of samples kept, and (with several groups) the mean Jaccard overlap of the kept sets over all
+    pairs of groups: 1 when every group keeps the same samples, as one global group would."""
+    scores, selected = info.get("scores", []), info.get("selected", [])
+    if not scores:
+        return {}
+    out = {"score_std": float(np.mean([np.std(s) for s in scores])),
+           "score_positive": float(np.mean([np.mean(s > 0) for s in scores])),
+           "kept": float(np.mean([len(x) for x in selected])) / max(n, 1)}
+    sets = [set(x) for x in selected]
+    if len(sets) > 1:
+        pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
+        out["overlap"] = float(np.mean([len(a & b) / len(a | b) if a | b else 1.0 for a, b in pairs]))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- layers
 def hookable_layers(model: nn.Module, embeddings: bool = True) -> dict[str, nn.Module]:
     """Trainable layers whose input has the row batch first: nn.Linear (the output head excluded) and, with
@@ -511,6 +530,7 @@ class DataReg:
         sel = self._choose(r.numpy(), q)
         self.selected[q] = sel
         self.info.setdefault("selected", []).append(sel.tolist())
+        self.info.setdefault("scores", []).append(r.numpy() / self.w_all.numpy())   # s_i, as _choose ranks them
         if self.mode != "select":
             return
         keep = torch.zeros(self.N, dtype=torch.bool)

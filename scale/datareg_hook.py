@@ -11,7 +11,7 @@ from torch import nn
 
 from scale.config import DataRegConfig
 from scale.data import prepare_data
-from scale.datareg import DataReg
+from scale.datareg import DataReg, selection_stats
 
 
 class _DetachedHead(nn.Module):
@@ -48,6 +48,13 @@ class TrainerHook:
                 raise ValueError(f"datareg.target_path: {e}") from None
             if not self.target:
                 raise ValueError(f"datareg.target_path: the target set {d.target_path!r} is empty")
+
+    def metrics(self) -> dict[str, float]:
+        """The step's selection statistics (`scale.datareg.selection_stats`) and target loss, as datareg/<name>,
+        each the mean over the step's micro-batches that have it."""
+        keys = sorted({k for st in getattr(self, "_stats", []) for k in st})
+        return {f"datareg/{k}": float(sum(st[k] for st in self._stats if k in st) /
+                                      sum(1 for st in self._stats if k in st)) for k in keys}
 
     def _engine(self) -> DataReg:
         if self.engine is None:
@@ -138,6 +145,10 @@ class TrainerHook:
         info = eng.step(merged_loss if merged else general_loss, weights, target, sample_of_row=sample_of_row,
                         no_sync=lambda: tr.acc.no_sync(tr.policy), new_target=micro == 0,
                         sync=micro == n_micro - 1, merged=self.cfg.target_batch_size if merged else 0)
-        self.last_info = {**info, "target_loss": seen.get("target")}
+        self.last_info = info
+        if micro == 0:
+            self._stats = []
+        tl = {"target_loss": seen["target"]} if "target" in seen else {}
+        self._stats.append({**selection_stats(info, eng.N), **tl})
         loss, st = seen.get("out", (0.0, {}))
         return torch.tensor(loss), st

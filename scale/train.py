@@ -321,6 +321,8 @@ class Trainer:
             out["kl"] = g["kl_sum"] / (2 * norms["pairs"])
         rows_all = norms["rl_rows"] + norms["sft_rows"] + 2 * norms["pairs"]
         out["offline_ratio"] = g["offline_rows"] / max(rows_all, 1.0) if self.method.rollouts else 0.0
+        if getattr(self, "datareg", None) is not None:   # what the rule selected (equal on every process)
+            out.update(self.datareg.metrics())
         return out
 
     def train_step(self, step: int) -> dict:

@@ -539,6 +539,10 @@ def test_cli_smoke_layerwise_subset(world, tmp_path, accum, k, merged):
     assert any(not torch.equal(init[k], v) for k, v in tr.policy.named_parameters())
     assert len(tr.datareg.last_info["selected"]) == len(tr.datareg.engine.layers)
     assert all(len(s) == k for s in tr.datareg.last_info["selected"])
+    for x in m:   # the selection statistics in the log (every group keeps k of the 4 / accum samples)
+        assert x["datareg/kept"] == pytest.approx(k / (4 // accum))
+        assert 0 <= x["datareg/overlap"] <= 1 and 0 <= x["datareg/score_positive"] <= 1
+        assert x["datareg/score_std"] > 0 and x["datareg/target_loss"] > 0
 
 
 @pytest.mark.parametrize("method,data", [("sft", "general"), ("dpo", "dpo"), ("rl", "rl")])
@@ -612,3 +616,16 @@ def test_lora_adapters_are_hooked_as_their_own_layers():
     grp = coordinate_groups(model, eng.groups)
     want = tp.lmo(g, tp.Product([tp.SubsetAverages(G[:, q], 2, weights=w) for q in grp], grp))
     assert close(got, want)
+
+
+def test_selection_stats_by_hand():
+    from scale.datareg import selection_stats
+
+    info = {"scores": [np.array([1.0, -1.0, 2.0]), np.array([0.5, 0.5, -1.0])], "selected": [[0, 2], [0, 1]]}
+    st = selection_stats(info, 3)
+    assert st["score_std"] == pytest.approx((np.sqrt(14 / 9) + np.sqrt(0.5)) / 2)   # population std per group
+    assert st["score_positive"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert st["kept"] == pytest.approx(2 / 3) and st["overlap"] == pytest.approx(1 / 3)   # {0} of {0, 1, 2}
+    assert "overlap" not in selection_stats({"scores": info["scores"][:1], "selected": [[0]]}, 3)
+    assert selection_stats({}, 3) == {}
+
