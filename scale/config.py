@@ -227,11 +227,14 @@ class DataregConfig(DataRegConfig):
 
     target: str = "file"              # file (target_path, cycled) | batch (the batch's own gradient)
     target_path: str = ""         # target: file: the JSONL of target examples (prompt, completion)
-    target_batch_size: int = 1        # target examples per step (the released SFT code: 1)
+    target_batch_size: int = 1        # target examples (RL targets: prompts) per step (the released SFT code: 1)
     merged_target: bool = False       # append the target rows to the general batch: one forward and backward
+    target_loss: str = "nll"          # nll (target completions' token-mean NLL) | RL methods, on rollouts of the
+    #                                   target prompts: reward | pg | train_loss (scale/datareg_hook.py)
 
 
 EVAL_KINDS = ("generate", "sft", "dpo")
+TARGET_LOSSES = ("nll", "reward", "pg", "train_loss")
 
 
 @dataclass
@@ -483,6 +486,10 @@ def _validate_datareg(cfg: Config) -> None:
         raise ValueError("datareg.target: target_only needs a target set (target=file)")
     if d.merged_target and (d.target != "file" or d.update_rule == "target_only" or d.subset_mode == "two_pass"):
         raise ValueError("datareg.merged_target: needs target=file and a one-pass subset or projection rule")
+    _choice("datareg.target_loss", d.target_loss, TARGET_LOSSES)
+    if d.target_loss != "nll" and (d.target != "file" or d.merged_target):
+        raise ValueError(f"datareg.target_loss: {d.target_loss} scores rollouts of the target prompts: it needs "
+                         "target=file and merged_target=false")
 
 
 def _choice(key, value, valid):

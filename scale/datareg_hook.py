@@ -30,10 +30,19 @@ class TrainerHook:
     """The ``datareg:`` section inside ``scale.train.Trainer``: target data (loaded before the model), the
     engine (built on first use), and ``backward(rows, norms)``, which replaces the ordinary backward.
 
-    The target loss is the SFT token-mean NLL of ``target_batch_size`` target examples (prompt /
-    completion), cycled in file order and the same on every process, whatever the method (SFT, DPO, RL):
-    the target task's likelihood. Samples: a row, or a DPO pair (its two rows); weights: scored tokens
-    under a global token mean, else 1 (per-sequence means, DPO pairs).
+    The target loss (``datareg.target_loss``), on ``target_batch_size`` target examples cycled in file order,
+    the same on every process:
+      nll         the SFT token-mean NLL of the examples' completions (prompt / completion), whatever the
+                  method (SFT, DPO, RL): the target task's likelihood;
+    and for RL methods, on ``generation.n`` rollouts of each target prompt (prompt / answer) drawn from the
+    current policy with a seed of (run.seed, step), graded by method.rl.reward (docs/drpt.md 1.6, RLHF / RLVR):
+      reward      -sum A_i log pi(y_i) / tokens with A the rewards normalised over the target batch
+                  ((R - mean) / std; R - 0.5 when they are all equal), the released code's "reward" loss;
+      pg          the same with the method's own advantages (GRPO: per group): "pre-clip-ppo", the policy
+                  gradient before any clipping;
+      train_loss  the method's whole training loss on the target rollouts ("full-ppo"), KL term included.
+    Samples: a row, or a DPO pair (its two rows); weights: scored tokens under a global token mean, else 1
+    (per-sequence means, DPO pairs).
     """
 
     def __init__(self, trainer, context: int):
@@ -41,9 +50,16 @@ class TrainerHook:
         self.tr, self.cfg = trainer, d
         self.engine: DataReg | None = None
         self.target: list[dict] = []
+        self.rl_target = d.target_loss != "nll"
+        if self.rl_target and not trainer.method.rollouts:
+            raise ValueError(f"datareg.target_loss: {d.target_loss} needs a method that samples rollouts (the RL "
+                             f"family), got method.name={trainer.cfg.method.name!r}; use nll")
         if d.target == "file":
+            g = trainer.cfg.generation
             try:
-                self.target = prepare_data(d.target_path, trainer.cfg, trainer.tok, "sft", context)
+                self.target = prepare_data(d.target_path, trainer.cfg, trainer.tok, "rl" if self.rl_target else "sft",
+                                           context, max_new_tokens=g.max_new_tokens if self.rl_target else 0,
+                                           other_columns=self.rl_target)
             except ValueError as e:
                 raise ValueError(f"datareg.target_path: {e}") from None
             if not self.target:
@@ -75,6 +91,37 @@ class TrainerHook:
         b, step = self.cfg.target_batch_size, self.tr.step
         exs = [self.target[(step * b + j) % len(self.target)] for j in range(b)]
         return [Row(list(e["completion"]["input_ids"]), e["completion"]["prompt_len"], "sft") for e in exs]
+
+    def _rl_target_rows(self) -> list:
+        """Rollouts of this step's target prompts with their advantages (class docstring); the same on every
+        process (a seeded draw from the same parameters)."""
+        from scale.loss import Row
+
+        tr, b, n = self.tr, self.cfg.target_batch_size, self.tr.cfg.generation.n
+        idx = [(tr.step * b + j) % len(self.target) for j in range(b)]
+        exs = [self.target[i] for i in idx]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(tr.cfg.run.seed * 1_000_003 + tr.step)
+            comps = tr.generate([e["prompt_ids"] for e in exs], n)
+        texts = tr.tok.batch_decode(comps, skip_special_tokens=True)
+        answers, which = [e["answer"] for e in exs for _ in range(n)], [i for i in idx for _ in range(n)]
+        R = torch.tensor(tr.rewards(texts, answers, which, f"step {tr.step + 1} (datareg target)", completion_ids=comps,
+                                    data=(self.target, self.cfg.target_path)), dtype=torch.float64)
+        rows = [Row(e["prompt_ids"] + comps[q * n + k], len(e["prompt_ids"]), "rl",
+                    meta={"group": q, "reward": float(R[q * n + k])}) for q, e in enumerate(exs) for k in range(n)]
+        if self.cfg.target_loss == "reward":
+            sd = R.std(unbiased=False)
+            A = (R - R.mean()) / sd if sd > 0 else R - 0.5
+        else:
+            A = tr.terms.rl.advantages(R, group_size=n, lengths=torch.tensor([float(r.n_scored) for r in rows],
+                                                                             dtype=torch.float64))
+        for rw, a in zip(rows, A.tolist()):
+            rw.advantage = a
+        if self.cfg.target_loss == "train_loss" and tr.terms.rl.kl_coef and tr.terms.rl.kl_placement == "loss":
+            for rw, lp in zip(rows, tr.reference.token_logps(rows)):
+                rw.ref_token_logp = lp.tolist()
+        self.target_reward, self.last_target_rows = float(R.mean()), rows
+        return rows
 
     def _samples(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         terms = self.tr.terms
@@ -118,10 +165,20 @@ class TrainerHook:
             return loss
 
         def target_loss():
-            trows = self._target_rows()
+            trows = self._rl_target_rows() if self.rl_target else self._target_rows()
             mb = collate(trows, pad, dev)
-            lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], with_entropy=False)
-            return target_nll(lp, ent, mb, trows)
+            lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], with_entropy=False,
+                                temperature=tr.cfg.generation.temperature if self.rl_target else 1.0)
+            if not self.rl_target:
+                return target_nll(lp, ent, mb, trows)
+            if self.cfg.target_loss == "train_loss":
+                loss = micro_loss(lp, ent, mb, tr.terms, local_counts(trows))[0]
+            else:   # -sum A log pi / tokens (clipping is inactive on-policy, so no ratio is needed)
+                A = torch.tensor([rw.advantage for rw in trows], dtype=lp.dtype, device=lp.device)
+                M = mb["score_mask"].to(lp.dtype)
+                loss = -(A[:, None] * lp * M).sum() / M.sum().clamp(min=1)
+            seen.setdefault("target", float(loss.detach()))
+            return loss
 
         def merged_loss(sel):
             """One decoder pass over the general rows then the target rows; the head is applied to each part
@@ -149,6 +206,8 @@ class TrainerHook:
         if micro == 0:
             self._stats = []
         tl = {"target_loss": seen["target"]} if "target" in seen else {}
+        if self.rl_target and "target" in seen:
+            tl["target_reward"] = self.target_reward
         self._stats.append({**selection_stats(info, eng.N), **tl})
         loss, st = seen.get("out", (0.0, {}))
         return torch.tensor(loss), st

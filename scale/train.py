@@ -223,16 +223,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ rewards
     def rewards(self, texts, answers, examples, when: str, completion_ids=None,
-                parts: dict | None = None) -> list[float]:
+                parts: dict | None = None, data: tuple[list, str] | None = None) -> list[float]:
         """The reward functions (`scale.rewards.Rewards`) on completions `texts` of the data examples `examples`
-        (indices into data.path, one per completion), called with the examples' prompts and other columns,
-        `completion_ids` and the step: the weighted total per completion (each function's values go into
-        `parts` when given). A failure also names the data example of the completion to blame, and when."""
+        (indices into data.path, or into `data` = (examples, their file), one per completion), called with the
+        examples' prompts and other columns, `completion_ids` and the step: the weighted total per completion
+        (each function's values go into `parts` when given). A failure also names the data example of the
+        completion to blame, and when."""
         from types import SimpleNamespace
 
         from scale.rewards import RewardError
 
-        exs = [self.data[i] for i in examples]
+        rows, path = data or (self.data, self.cfg.data.path)
+        exs = [rows[i] for i in examples]
         names = list(exs[0].get("columns", {})) if exs else []
         state = SimpleNamespace(global_step=getattr(self, "step", 0), max_steps=self.cfg.run.max_steps)
         try:
@@ -240,7 +242,7 @@ class Trainer:
                                                completion_ids=completion_ids, trainer_state=state,
                                                columns={k: [e.get("columns", {}).get(k) for e in exs] for k in names})
         except RewardError as e:
-            where = f"example {examples[e.index]} of {self.cfg.data.path}, " if e.index is not None else ""
+            where = f"example {examples[e.index]} of {path}, " if e.index is not None else ""
             raise ValueError(f"{e} [{where}{when}]") from e
         if parts is not None:
             parts.update(per)
