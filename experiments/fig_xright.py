@@ -76,6 +76,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.registry import FigureResult, figure, save_figure  # noqa: E402
+from experiments.sweep import finished_cells  # noqa: E402
 from experiments.verdicts import grade, mean_ci  # noqa: E402
 
 SET = Path("experiments/sweeps/xright_set.yaml")
@@ -103,25 +104,6 @@ def lam_of(method: str, point: dict) -> float | None:
     if method == "seq_dpo_sft":
         return point["method.joint.split"]
     return point.get("method.joint.lam")
-
-
-def sweep_cells(path: Path, run: bool = False) -> list[dict]:
-    """[{method, point, seed, dir, rows, done}] of a sweep file's finished cells (running the sweep first
-    when `run`)."""
-    from experiments.sweep import cells, load_metrics, load_sweep, run_sweep
-
-    sweep = load_sweep(path)
-    if run:
-        failed = run_sweep(sweep)
-        if failed:
-            raise RuntimeError(f"xright figures: {len(failed)} cell(s) of {path} failed, e.g. {failed[0].label}")
-    out = []
-    for c in cells(sweep):
-        done = c.dir / "DONE.json"
-        if done.exists():
-            out.append({"method": c.variant.method, "point": dict(c.variant.point), "seed": c.seed, "dir": c.dir,
-                        "rows": load_metrics(c.dir / "metrics.jsonl"), "done": json.loads(done.read_text())})
-    return out
 
 
 def at_end(rows: list[dict], key: str) -> float:
@@ -162,10 +144,10 @@ def method_rates(tune2: list[dict], ideal: dict[str, float]) -> dict[str, float]
 
 def tuning() -> dict:
     """The seed-0 choices, from the tuning sweeps' finished cells (prints them with `python -m`)."""
-    tune1 = sweep_cells(TUNE[0])
+    tune1 = finished_cells(TUNE[0])
     obj = objective_rates(tune1)
     ideal = {o: v["heldout"] for o, v in obj.items()}
-    tune2 = sweep_cells(TUNE[1]) if TUNE[1].exists() else []
+    tune2 = finished_cells(TUNE[1]) if TUNE[1].exists() else []
     dist = {m: {c["point"]["run.lr"]: round(ideal_distance(c["rows"], ideal), 4) for c in tune2 if c["method"] == m}
             for m in METHODS}
     return {"objectives": obj, "ideal_seed0": ideal, "ideal_distance": dist, "rates": method_rates(tune2, ideal)}
@@ -180,7 +162,7 @@ def runs() -> dict:
 
     if not (WORLD / "base").exists() or not (WORLD / "data" / "test_style.jsonl").exists():
         build(WORLD)
-    cs = sweep_cells(SET, run=True)
+    cs = finished_cells(SET, run=True)
     ideal = {c["seed"]: {} for c in cs}
     by: dict[tuple, dict[int, dict]] = {}
     for c in cs:

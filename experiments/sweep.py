@@ -454,6 +454,23 @@ def run_sweep(sweep: Sweep, jobs: int | None = None) -> list[Cell]:
 # ----------------------------------------------------------------------------------------------
 
 
+def finished_cells(path: Path, run: bool = False) -> list[dict]:
+    """[{method, point, seed, dir, rows, done}] of a sweep file's finished cells (running the sweep first
+    when `run`)."""
+    sweep = load_sweep(path)
+    if run:
+        failed = run_sweep(sweep)
+        if failed:
+            raise RuntimeError(f"{len(failed)} cell(s) of {path} failed, e.g. {failed[0].label}")
+    out = []
+    for c in cells(sweep):
+        done = c.dir / "DONE.json"
+        if done.exists():
+            out.append({"method": c.variant.method, "point": dict(c.variant.point), "seed": c.seed, "dir": c.dir,
+                        "rows": load_metrics(c.dir / "metrics.jsonl"), "done": json.loads(done.read_text())})
+    return out
+
+
 def load_metrics(path: str | Path) -> list[dict]:
     """metrics.jsonl -> list of dicts, one per line; a missing file gives []; a torn last line is dropped."""
     path = Path(path)

@@ -228,6 +228,7 @@ class DataregConfig(DataRegConfig):
     target: str = "file"              # file (target_path, cycled) | batch (the batch's own gradient)
     target_path: str = ""         # target: file: the JSONL of target examples (prompt, completion)
     target_batch_size: int = 1        # target examples (RL targets: prompts) per step (the released SFT code: 1)
+    target_size: int = 0              # 0: every example of target_path; n: n of them drawn by run.seed (n_val)
     merged_target: bool = False       # append the target rows to the general batch: one forward and backward
     target_loss: str = "nll"          # nll (target completions' token-mean NLL) | RL methods, on rollouts of the
     #                                   target prompts: reward | pg | train_loss (scale/datareg_hook.py)
@@ -342,7 +343,7 @@ RANGES: dict[type, dict[str, Range]] = {
                 "threads": NON_NEGATIVE},
     DataRegConfig: {"k": NON_NEGATIVE, "fraction": FRACTION, "filter_frac": UNIT, "sketch_rank": AT_LEAST_1,
                     "seed": SEED},
-    DataregConfig: {"target_batch_size": AT_LEAST_1},
+    DataregConfig: {"target_batch_size": AT_LEAST_1, "target_size": NON_NEGATIVE},
     EvalSet: {"limit": NON_NEGATIVE, "every": Range(-1)},
     EvalConfig: {"every": NON_NEGATIVE, "n": AT_LEAST_1, "ks": AT_LEAST_1, "max_new_tokens": NON_NEGATIVE,
                  "batch_size": AT_LEAST_1},

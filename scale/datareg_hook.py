@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +65,12 @@ class TrainerHook:
                 raise ValueError(f"datareg.target_path: {e}") from None
             if not self.target:
                 raise ValueError(f"datareg.target_path: the target set {d.target_path!r} is empty")
+            if d.target_size:   # the released code's n_val examples, a different subset per seed
+                if d.target_size > len(self.target):
+                    raise ValueError(f"datareg.target_size: {d.target_size} is more than the {len(self.target)} "
+                                     f"examples of {d.target_path}")
+                pick = np.random.default_rng([trainer.cfg.run.seed, 0x7A]).permutation(len(self.target))
+                self.target = [self.target[i] for i in pick[:d.target_size]]
 
     def metrics(self) -> dict[str, float]:
         """The step's selection statistics (`scale.datareg.selection_stats`) and target loss, as datareg/<name>,

@@ -697,3 +697,25 @@ def test_rl_target_is_logged_and_bad_uses_are_named(world, tmp_path):
         load_config(None, base_overrides(world, "rl", "rl", tmp_path / "z", **{
             "datareg.update_rule": "layerwise_subset", "datareg.target_loss": "ppo",
             "datareg.target_path": str(world["rl"])}))
+
+
+def test_target_size_draws_a_seeded_subset(world, tmp_path):
+    """datareg.target_size=n keeps n distinct examples of the target file, the same for one seed, another
+    subset for another seed; more than the file has is an error naming the key."""
+    import json
+
+    from scale.config import load_config
+    from scale.train import Trainer
+
+    def subset(seed, size):
+        ov = base_overrides(world, "sft", "general", tmp_path / f"s{seed}", **{
+            "datareg.update_rule": "target_only", "datareg.target_path": str(world["target"]),
+            "datareg.target_size": size, "run.seed": seed})
+        return [tuple(e["completion"]["input_ids"]) for e in Trainer(load_config(None, ov)).datareg.target]
+
+    n = len([x for x in world["target"].read_text().splitlines() if x.strip() and json.loads(x)])
+    a, b = subset(1, 3), subset(2, 3)
+    assert len(set(a)) == 3 and a == subset(1, 3) and a != b
+    assert len(subset(1, 0)) == n
+    with pytest.raises(ValueError, match="datareg.target_size"):
+        subset(1, n + 1)
