@@ -14,10 +14,11 @@ The runs (`experiments/sweeps/drpt_set.yaml`, seeds 1-5, the paper's count): Ful
 (trains on the 16 target examples alone), Global Subset and Layer-Wise Subset (k = 4 of a batch of 8, exact
 scores), 300 steps of batch 8 for every rule (Target-only sees each of its examples 150 times), AdamW without
 weight decay, linear decay after 3% warm-up (the released code's schedule), the same rate for every rule.
-The rate: 1e-3, the shipped tiny SFT config's (`experiments/configs/tiny_sft.yaml`, chosen on seed 0 for SFT
-on this world by exploratory runs, as experiments/tiny_tuning.py records), for every rule: the paper fixes one rate for all rules and does
-not tune it per setting. (A seed-0 tuning sweep over 3e-4 and 1e-3 was planned in the first version of this
-docstring and dropped before any of its cells ran, to fit the session's time.)
+The rate: 1e-3, the shipped tiny SFT config's (`experiments/configs/tiny_sft.yaml`, fixed on seed 0 for SFT
+on this world by exploratory runs, as experiments/tiny_tuning.py records), for every rule: the paper fixes
+one rate for all rules and does not tune it per setting. (A seed-0 tuning sweep over 3e-4 and 1e-3 was
+planned in the first version of this docstring and dropped before any of its cells ran, to fit the
+session's time.)
 
 Verdict rule (datareg_sft), written and committed before the runs that decide it:
 (A) final held-out target perplexity, mean over seeds: Layer-Wise Subset < Global Subset < Full-Training;
