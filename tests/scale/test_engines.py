@@ -5,7 +5,8 @@ DDP on the same 2 processes (RL: each rank samples with its own seed): FSDP2 in 
 float32 to 5e-5 (DeepSpeed keeps float32 and reduces in its own order; measured 1e-6 to 1.4e-5 after two
 AdamW steps at lr 1e-2, where Adam's normalisation magnifies float32 rounding in near-zero gradients), with
 run.max_grad_norm small enough to clip every step (DeepSpeed clips inside its own step); the final model
-keeps tied embeddings tied (one lm_head / embedding tensor). The engine check refuses what would silently
+keeps tied embeddings tied (one lm_head / embedding tensor) and reloads with from_pretrained to the saved
+parameters. The engine check refuses what would silently
 run another experiment."""
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ def _launch(engine: str, nproc: int, overrides: list[str]) -> None:
     raise AssertionError(report)
 
 
+def _reloads(final: Path, saved: dict) -> None:
+    """final/ loads with from_pretrained, its parameters equal the saved tensors, and the head is the
+    embedding again (tied on load, as the model was trained)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=next(iter(saved.values())).dtype)
+    params = dict(model.named_parameters())
+    assert all(bool((params[k] == v).all()) for k, v in saved.items())
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
 CASES = [("sft", "sft", 1, {}), ("rl", "rl", 2, {}),
          pytest.param("dpo", "dpo", 1, {}, marks=pytest.mark.slow),
          pytest.param("hpt", "rl", 2, {"method.hpt.gamma": 0.5}, marks=pytest.mark.slow)]
@@ -61,6 +73,7 @@ def test_fsdp2_matches(world, tmp_path, method, data, base_procs, extra):
         _launch(engine, nproc, base_overrides(world, method, data, out, **{
             "model.dtype": "float64", "run.cpu": True, "run.save_model": True, **extra}))
         finals[engine] = load_file(str(out / "final" / "model.safetensors"))
+    _reloads(tmp_path / "fsdp2" / "final", finals["fsdp2"])
     a, b = finals["ddp"], finals["fsdp2"]
     assert sorted(a) == sorted(b) and "lm_head.weight" not in b     # tied: saved once, as the embedding
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -90,6 +103,7 @@ def test_deepspeed_matches(world, tmp_path, engine, method, data, base_procs, ex
         finals[eng] = load_file(str(out / "final" / "model.safetensors"))
         grad_norms[eng] = [json.loads(x)["grad_norm"] for x in (out / "metrics.jsonl").read_text().splitlines()
                            if "grad_norm" in json.loads(x)]
+    _reloads(tmp_path / engine / "final", finals[engine])
     a, b = finals["ddp"], finals[engine]
     assert sorted(a) == sorted(b) and "lm_head.weight" not in b
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
