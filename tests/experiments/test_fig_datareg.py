@@ -54,3 +54,13 @@ def test_builds_from_synthetic_runs(tmp_path, monkeypatch):
 def test_full_figure(tmp_path):
     res = fd.fig_datareg_sft(tmp_path)
     assert (tmp_path / "datareg_sft_ppl.png").is_file() and res.finding
+
+
+def test_case_verdict():
+    types = fd.TYPES
+    mag = {t: 1.0 for t in types} | {"down_proj": 5.0}
+    rho = {t: 0.2 for t in types} | {"down_proj": 0.5}
+    assert fd.case_verdict(mag, rho, {t: 0.9 for t in types})[0] == "yes"
+    held, c = fd.case_verdict(mag | {"q_proj": 9.0}, rho | {"k_proj": -0.1}, {t: 0.9 for t in types})
+    assert held == "partly" and c == {"A_down_largest": False, "B_all_positive_down_highest": False,
+                                      "C_sketch_agrees_0.8": True}
