@@ -11,7 +11,8 @@ reference machine (2 shared CPU cores, under `nice -n 19`, `OMP_NUM_THREADS=1`);
 skips those. Measured once per figure with `ptlab figures --only NAME` (wall time, process start included):
 table1 6 s, forgetting_toy 9 s, forgetting_tradeoff 13 s, forgetting_seq_bound 22 s, moments_vs_group_size
 9 s, moments_vs_policy_quality 10 s, moments_table1 9 s, projection_spectrum 15 s; slow: projection_target_loss
-508 s, datareg_sft (a sweep of 20 training runs, experiments/fig_datareg.py), the nine `hpt_*` figures, which
+508 s, datareg_sft (a sweep of 20 training runs, experiments/fig_datareg.py), datareg_case_study 86 s (with
+two sweeps running beside it; it needs the world's base model), the nine `hpt_*` figures, which
 share the HPT set's runs (experiments/fig_hpt.py: a sweep of 33 training runs and 22 pass@k evaluations,
 cached, so only the first of them pays), and the four `xright_*` figures (experiments/fig_xright.py: a sweep
 of 66 training runs, cached).
