@@ -64,3 +64,10 @@ def test_case_verdict():
     held, c = fd.case_verdict(mag | {"q_proj": 9.0}, rho | {"k_proj": -0.1}, {t: 0.9 for t in types})
     assert held == "partly" and c == {"A_down_largest": False, "B_all_positive_down_highest": False,
                                       "C_sketch_agrees_0.8": True}
+
+
+def test_rlvr_verdict():
+    acc = {"full": {1: 0.63}, "global_subset": {1: 0.62}, "layerwise_subset": {1: 0.64}}
+    assert fd.rlvr_verdict(acc)[0] == "yes"
+    assert fd.rlvr_verdict({**acc, "global_subset": {1: 0.635}})[0] == "partly"
+    assert fd.rlvr_verdict({**acc, "layerwise_subset": {1: 0.60}})[0] == "no"
