@@ -157,7 +157,11 @@ class RunConfig:
     mixed_precision: str = "no"       # no | bf16 | fp16 (accelerate autocast)
     cpu: bool = False             # run on CPU even when a GPU is present
     threads: int = 0                  # CPU threads per process (torch.set_num_threads); 0: torch's default
-    logprob_chunk: int = 1024         # completion tokens per lm_head chunk (no [B, T, V] float32 copy)
+    logprob_chunk: int = 0            # completion tokens per lm_head chunk; 0: from logprob_memory_mb
+    logprob_memory_mb: float = 512    # the head's working memory: chunk = this / (3 x V x 4 bytes), at least 1
+    #                                   (5 x V x 4 with an entropy bonus; README, "The log-prob head")
+    entropy_every: int = 1            # compute and log the token entropy every k steps (an entropy bonus:
+    #                                   every step); k > 1 saves the head that work on the other steps
     save_every: int = 100             # checkpoint every k steps (0: only at the end and on SIGTERM / SIGINT)
     resume: bool | str = False        # false: a new run | true: continue from the newest checkpoint | auto: either
     overwrite: bool = False           # a new run may replace another run's files in output_dir (removed first)
@@ -338,7 +342,8 @@ RANGES: dict[type, dict[str, Range]] = {
                    "seed": SEED, "dpo_batch_size": NON_NEGATIVE},
     RunConfig: {"seed": SEED, "max_steps": AT_LEAST_1, "batch_size": AT_LEAST_1, "grad_accum": AT_LEAST_1,
                 "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "betas": UNIT_HALF_OPEN, "warmup_ratio": UNIT_HALF_OPEN,
-                "max_grad_norm": NON_NEGATIVE, "skip_grad_norm": NON_NEGATIVE, "logprob_chunk": AT_LEAST_1,
+                "max_grad_norm": NON_NEGATIVE, "skip_grad_norm": NON_NEGATIVE, "logprob_chunk": NON_NEGATIVE,
+                "logprob_memory_mb": POSITIVE, "entropy_every": AT_LEAST_1,
                 "save_every": NON_NEGATIVE, "stop_after": NON_NEGATIVE, "log_every": AT_LEAST_1,
                 "threads": NON_NEGATIVE},
     DataRegConfig: {"k": NON_NEGATIVE, "fraction": FRACTION, "filter_frac": UNIT, "sketch_rank": AT_LEAST_1,

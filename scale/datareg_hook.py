@@ -161,7 +161,7 @@ class TrainerHook:
             part = rows if sel is None else [rows[i] for i in sel.tolist()]
             mb = collate(part, pad, dev)
             lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"],
-                                temperature=tr.cfg.generation.temperature)
+                                temperature=tr.cfg.generation.temperature, **tr.entropy_args())
             loss, st = micro_loss(lp, ent, mb, tr.terms, norms)
             seen.setdefault("out", (float(loss.detach()), st))  # statistics of the whole batch's pass
             return loss
@@ -196,11 +196,12 @@ class TrainerHook:
             h, head = pol.hidden(mb["input_ids"], mb["attention_mask"]), pol.model.get_output_embeddings()
             part = [{k: None if v is None else v[sl] for k, v in mb.items()} for sl in (slice(0, n), slice(n, None))]
             lp, ent = selected_logprobs(h[:n], head, part[0]["input_ids"], part[0]["score_mask"],
-                                        temperature=tr.cfg.generation.temperature, chunk=pol.chunk)
+                                        temperature=tr.cfg.generation.temperature, chunk=pol.chunk,
+                                        memory_mb=pol.memory_mb, **tr.entropy_args())
             loss, st = micro_loss(lp, ent, part[0], tr.terms, norms)
             seen.setdefault("out", (float(loss.detach()), st))
             tlp, tent = selected_logprobs(h[n:], _DetachedHead(head), part[1]["input_ids"], part[1]["score_mask"],
-                                          chunk=pol.chunk, with_entropy=False)
+                                          chunk=pol.chunk, memory_mb=pol.memory_mb, with_entropy=False)
             return loss + target_nll(tlp, tent, part[1], trows)
 
         sample_of_row, weights = self._samples(rows)

@@ -1,23 +1,30 @@
-"""Token log-probabilities of a causal LM without a [B, T, vocab] float32 copy.
+"""Token log-probabilities of a causal LM, computed a chunk of positions at a time.
 
-`Policy` wraps a Hugging Face causal LM so that its `forward` returns per-token log-probs (and
+`Policy` wraps a Hugging Face causal LM so that its `forward` returns per-token log-probs (and, when asked,
 entropies) of the given tokens. It is the module handed to `accelerator.prepare`, so DDP / FSDP /
 DeepSpeed see the whole computation as one forward. Inside:
 
 1. the decoder runs once and returns hidden states [B, T, H];
 2. only the positions whose next token is scored (the completion tokens) are kept: [N, H];
-3. the LM head, the temperature division, log_softmax and the gather run over chunks of `chunk`
-   positions, each under activation checkpointing, so at most [chunk, V] float32 logits exist at a time,
-   in the forward and in the backward (where the chunk is recomputed). A chunk of at most `SMALL_CHUNK`
-   logits (a few MB: a tiny vocabulary, a handful of tokens) is not checkpointed: there the recompute
-   costs more time than the memory it saves is worth.
+3. the LM head, the temperature division (skipped at temperature 1), log_softmax and the gather run over
+   chunks of `chunk` positions, each under activation checkpointing, so only a few [chunk, V] float32
+   tensors exist at a time, in the forward and in the backward (where the chunk is recomputed). A single
+   chunk, or one of at most `SMALL_CHUNK` logits (a few MB: a tiny vocabulary, a handful of tokens), is not
+   checkpointed: there the recompute costs more time than the memory it saves is worth.
 
-The entropy is a statistic unless an entropy bonus is trained: with `entropy_grad=False` it is computed
-without building its graph (the values are the same; only the backward differs).
+The chunk comes from a memory budget (`run.logprob_memory_mb`): chunk = budget / (copies x V x bytes per
+float), at least 1, where copies is the number of [chunk, V] tensors live at the peak: HEAD_COPIES, or
+HEAD_COPIES_BONUS when the entropy carries gradients (measured with `experiments/bench_head.py`; README,
+"Batches and normalisation"). An explicit `chunk` overrides it.
+
+The entropy is computed only when asked (`with_entropy`): the trainer asks on the steps that log it
+(`run.entropy_every`) and on every step of an entropy bonus, so otherwise it costs nothing and is None.
+With `entropy_grad=False` it is a statistic computed without building its graph (the values are the same;
+only the backward differs).
 
 Shapes: input_ids, attention_mask, score_mask [B, T]. score_mask[i, t] is True when token t of row i
-is scored given tokens < t (so score_mask[:, 0] must be False). Returns logp, entropy [B, T] with 0
-where score_mask is False.
+is scored given tokens < t (so score_mask[:, 0] must be False). Returns logp [B, T] and entropy [B, T] or
+None, with 0 where score_mask is False.
 """
 
 from __future__ import annotations
@@ -26,7 +33,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from scale.config import RunConfig
+
 SMALL_CHUNK = 1 << 20  # chunk positions x vocabulary: at most this many logits are kept, not recomputed
+HEAD_COPIES = 3        # [chunk, V] float tensors live at once at the head's peak (measured: bench_head)
+HEAD_COPIES_BONUS = 5  # the same when the entropy carries gradients (an entropy bonus)
+HEAD_MEMORY_MB = RunConfig.logprob_memory_mb   # the default budget: the config's
 
 
 def _entropy(lsm: torch.Tensor) -> torch.Tensor:
@@ -36,28 +48,47 @@ def _entropy(lsm: torch.Tensor) -> torch.Tensor:
 def _chunk_logp(head: nn.Module, h: torch.Tensor, target: torch.Tensor, temperature: float, with_entropy: bool,
                 entropy_grad: bool = True):
     logits = head(h)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # no copy when already float32
+    if temperature != 1.0:   # a division by 1 would copy [chunk, V] (and its gradient) for nothing
+        logits = logits / temperature
     lsm = torch.log_softmax(logits, dim=-1)
+    del logits   # log_softmax keeps only its output for the backward: one [chunk, V] fewer from here on
     logp = lsm.gather(-1, target[:, None]).squeeze(-1)
     if not with_entropy:
-        ent = torch.zeros_like(logp)
-    elif entropy_grad:
-        ent = _entropy(lsm)
-    else:
-        with torch.no_grad():
-            ent = _entropy(lsm.detach())
-    return logp, ent
+        return logp, None
+    if entropy_grad:
+        return logp, _entropy(lsm)
+    with torch.no_grad():   # a statistic: p log p formed in place, one [chunk, V] temporary
+        return logp, -lsm.exp().mul_(lsm).sum(-1)
 
 
-def _vocab_size(head: nn.Module) -> int | None:
+def vocab_size(head: nn.Module) -> int | None:
+    """The head's output size: nn.Linear's out_features (kept under ZeRO-3, which empties the weight), else
+    the rows of a 2-D weight; None when neither says."""
+    n = getattr(head, "out_features", None)
+    if isinstance(n, int):
+        return n
     w = getattr(head, "weight", None)
     return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
 
 
+def head_chunk(vocab: int | None, itemsize: int, chunk: int = 0, memory_mb: float = HEAD_MEMORY_MB,
+               copies: int = HEAD_COPIES) -> int:
+    """Positions per head chunk: `chunk` when set (> 0), else the most that keep `copies` [chunk, vocab]
+    tensors of `itemsize` bytes within `memory_mb`, at least 1."""
+    if chunk:
+        return chunk
+    if vocab is None:
+        raise ValueError("run.logprob_chunk: the output head has neither out_features nor a 2-D weight, so the "
+                         "chunk cannot be derived from run.logprob_memory_mb; set run.logprob_chunk")
+    return max(1, int(memory_mb * 2**20) // (copies * itemsize * vocab))
+
+
 def selected_logprobs(decoder_hidden: torch.Tensor, head: nn.Module, input_ids: torch.Tensor,
-                      score_mask: torch.Tensor, temperature: float = 1.0, chunk: int = 1024,
-                      with_entropy: bool = True, entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states [B, T, H] -> (logp, entropy) [B, T] at the scored positions (see module doc)."""
+                      score_mask: torch.Tensor, temperature: float = 1.0, chunk: int = 0,
+                      memory_mb: float = HEAD_MEMORY_MB, with_entropy: bool = True,
+                      entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states [B, T, H] -> (logp, entropy or None) [B, T] at the scored positions (see module doc)."""
     if score_mask[:, 0].any():
         raise ValueError("score_mask: position 0 has no prefix and cannot be scored")
     B, T = input_ids.shape
@@ -65,36 +96,44 @@ def selected_logprobs(decoder_hidden: torch.Tensor, head: nn.Module, input_ids: 
     pos = score_mask[:, 1:].nonzero(as_tuple=True)
     h = decoder_hidden[:, :-1][pos]                          # [N, H]
     target = input_ids[:, 1:][pos]                           # [N]
+    dtype = torch.promote_types(decoder_hidden.dtype, torch.float32)
+    V = vocab_size(head)
+    bonus = with_entropy and entropy_grad and torch.is_grad_enabled()
+    chunk = head_chunk(V, dtype.itemsize, chunk, memory_mb, HEAD_COPIES_BONUS if bonus else HEAD_COPIES)
+    # a single chunk is not checkpointed: its backward peak is the same with or without, and the recompute
+    # would only cost time
+    several = h.shape[0] > chunk
     parts_lp, parts_ent = [], []
-    V = _vocab_size(head)
     # at least one chunk, empty when nothing is scored: the result still hangs on the graph of the decoder
     # and the head, so the backward of an all-padding micro-batch gives zero gradients instead of failing
     # (and every DDP process runs the same backward)
     for s in range(0, max(h.shape[0], 1), chunk):
         args = (head, h[s:s + chunk], target[s:s + chunk], temperature, with_entropy, entropy_grad)
         small = V is not None and args[1].shape[0] * V <= SMALL_CHUNK
-        if torch.is_grad_enabled() and h.requires_grad and not small:
+        if torch.is_grad_enabled() and h.requires_grad and several and not small:
             lp, ent = checkpoint(_chunk_logp, *args, use_reentrant=False)
         else:
             lp, ent = _chunk_logp(*args)
         parts_lp.append(lp)
         parts_ent.append(ent)
-    dtype = torch.promote_types(decoder_hidden.dtype, torch.float32)
-    flat_lp = torch.cat(parts_lp) if parts_lp else decoder_hidden.new_zeros(0, dtype=dtype)
-    flat_ent = torch.cat(parts_ent) if parts_ent else decoder_hidden.new_zeros(0, dtype=dtype)
-    logp = torch.zeros(B, T - 1, dtype=flat_lp.dtype, device=h.device).index_put(pos, flat_lp)
-    ent = torch.zeros(B, T - 1, dtype=flat_lp.dtype, device=h.device).index_put(pos, flat_ent)
-    pad = torch.zeros(B, 1, dtype=flat_lp.dtype, device=h.device)
-    return torch.cat([pad, logp], 1), torch.cat([pad, ent], 1)
+    return _scatter(parts_lp, pos, B, T, h.device), (_scatter(parts_ent, pos, B, T, h.device) if with_entropy
+                                                     else None)
+
+
+def _scatter(parts: list[torch.Tensor], pos, B: int, T: int, device) -> torch.Tensor:
+    """The chunks' values [N] back to [B, T]: position 0 and the unscored positions are 0."""
+    flat = torch.cat(parts)
+    out = torch.zeros(B, T - 1, dtype=flat.dtype, device=device).index_put(pos, flat)
+    return torch.cat([torch.zeros(B, 1, dtype=flat.dtype, device=device), out], 1)
 
 
 class Policy(nn.Module):
     """A causal LM whose forward returns per-token log-probs at the scored positions (module doc)."""
 
-    def __init__(self, model: nn.Module, chunk: int = 1024):
+    def __init__(self, model: nn.Module, chunk: int = 0, memory_mb: float = HEAD_MEMORY_MB):
         super().__init__()
         self.model = model
-        self.chunk = chunk
+        self.chunk, self.memory_mb = chunk, memory_mb   # chunk 0: from the memory budget (module doc)
         # FSDP's transformer auto-wrap reads the block classes from the top module
         self._no_split_modules = getattr(model, "_no_split_modules", None)
 
@@ -107,7 +146,7 @@ class Policy(nn.Module):
                 entropy_grad: bool = True):
         return selected_logprobs(self.hidden(input_ids, attention_mask), self.model.get_output_embeddings(),
                                  input_ids, score_mask, temperature=temperature, chunk=self.chunk,
-                                 with_entropy=with_entropy, entropy_grad=entropy_grad)
+                                 memory_mb=self.memory_mb, with_entropy=with_entropy, entropy_grad=entropy_grad)
 
     def hidden(self, input_ids, attention_mask) -> torch.Tensor:
         """The decoder's last hidden states [B, T, H] (the head is applied by ``selected_logprobs``)."""

@@ -129,11 +129,12 @@ def local_counts(rows: list[Row]) -> dict[str, float]:
     return c
 
 
-def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict, terms: Terms, norms: dict[str, float]):
+def micro_loss(logp: torch.Tensor, entropy: torch.Tensor | None, mb: dict, terms: Terms, norms: dict[str, float]):
     """The micro-batch's share of the global loss, and its (un-normalised) statistics.
 
-    logp, entropy [n, T] from `Policy`; mb from `collate`; norms: global counts (`local_counts` summed),
-    optionally with `rl_seqs` / `sft_seqs` overriding the number of sequences of a term (HPT paper: Q*n and Q).
+    logp, entropy [n, T] from `Policy` (entropy None when it was not computed); mb from `collate`; norms:
+    global counts (`local_counts` summed), optionally with `rl_seqs` / `sft_seqs` overriding the number of
+    sequences of a term (HPT paper: Q*n and Q).
     An RL estimator with `count_empty_rows=False` (verl's agg_loss) counts only the rows with a scored token.
     """
     M = mb["score_mask"]
@@ -193,10 +194,14 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor, mb: dict, terms: Terms
         stats["dpo_acc_sum"] = float((md > 0).sum())
         stats["dpo_margin_sum"] = float(md.sum())
         stats["kl_sum"] = stats.get("kl_sum", 0.0) + float((seq - ref).detach()[torch.cat([pair_c, pair_r])].sum())
-    ent_sum = (entropy * M).sum()
-    if terms.entropy_coef:
-        loss = loss - terms.entropy_coef * ent_sum / max(norms["all_tokens"], 1.0)
-    stats["entropy_sum"] = float(ent_sum.detach())
+    if entropy is not None:
+        ent_sum = (entropy * M).sum()
+        if terms.entropy_coef:
+            loss = loss - terms.entropy_coef * ent_sum / max(norms["all_tokens"], 1.0)
+        stats["entropy_sum"] = float(ent_sum.detach())
+    elif terms.entropy_coef:
+        raise ValueError("entropy: the loss has an entropy bonus (entropy_coef) but no entropy was computed "
+                         "(call the policy with with_entropy=True)")
     if not loss.requires_grad and logp.requires_grad:
         # no term has a row here (the placeholder row of an empty micro-batch): a zero on the graph, so
         # the backward still runs, with zero gradients

@@ -124,7 +124,7 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        policy = Policy(model, chunk=r.logprob_chunk)
+        policy = Policy(model, chunk=r.logprob_chunk, memory_mb=r.logprob_memory_mb)
         params = [p for p in policy.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay,
                                      fused=_fused_adamw(self.acc, params))
@@ -162,7 +162,7 @@ class Trainer:
         else:
             ref = copy.deepcopy(model)
         ref.requires_grad_(False)
-        return Policy(ref.eval(), chunk=self.cfg.run.logprob_chunk)
+        return Policy(ref.eval(), chunk=self.cfg.run.logprob_chunk, memory_mb=self.cfg.run.logprob_memory_mb)
 
     def _zero3(self) -> bool:
         plugin = getattr(self.acc.state, "deepspeed_plugin", None)
@@ -266,6 +266,14 @@ class Trainer:
         v = self.acc.reduce(torch.tensor([c[k] for k in keys], dtype=torch.float64, device=self.acc.device), "sum")
         return dict(zip(keys, v.tolist()))
 
+    def entropy_args(self) -> dict:
+        """Whether this step's forward computes the token entropy, and with its graph: an entropy bonus needs
+        it (with gradients) every step; otherwise it is a statistic, computed on the steps that log it (every
+        `run.entropy_every`-th, as numbered in metrics.jsonl) and skipped on the others."""
+        bonus = bool(self.terms.entropy_coef)
+        logged = (self.step + 1) % self.cfg.run.entropy_every == 0
+        return {"with_entropy": bonus or logged, "entropy_grad": bonus}
+
     def update(self, rows: list[Row], extra_norms: dict | None = None) -> dict:
         """One optimizer step on this process's rows of a global batch; returns global statistics."""
         r = self.cfg.run
@@ -282,8 +290,7 @@ class Trainer:
             else:
                 with self.acc.accumulate(self.policy):
                     lp, ent = self.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"],
-                                          temperature=self.cfg.generation.temperature,
-                                          entropy_grad=bool(self.terms.entropy_coef))
+                                          temperature=self.cfg.generation.temperature, **self.entropy_args())
                     loss, st = micro_loss(lp, ent, mb, self.terms, norms)
                     self.acc.backward(loss * scale)
             total += float(loss.detach())
@@ -308,8 +315,8 @@ class Trainer:
         g = dict(zip(["loss", "tokens", "offline_rows", *STAT_KEYS], vec))
         out = {"loss": g["loss"], "grad_norm": gn, "skipped": float(skipped), "lr": self.sched.get_last_lr()[0],
                "tokens": g["tokens"]}
-        at = max(norms["all_tokens"], 1.0)
-        out["entropy"] = g["entropy_sum"] / at
+        if self.entropy_args()["with_entropy"]:   # other steps log no entropy rather than a made-up 0
+            out["entropy"] = g["entropy_sum"] / max(norms["all_tokens"], 1.0)
         for k in ("rl_loss", "sft_loss", "dpo_loss"):
             if self.method.rollouts and k == "rl_loss" or norms["sft_rows"] and k == "sft_loss" \
                     or norms["pairs"] and k == "dpo_loss":

@@ -41,8 +41,9 @@ solvers see O(1) numbers, and the answer is scaled back. Any finite input works,
 nothing squares an entry into overflow or underflow (tests/theory/test_projection.py, test_fuzz.py).
 
 Array types. ``g`` and ``G`` may be numpy arrays or torch tensors; they are converted to float64 numpy at
-the boundary. ``project`` and ``lmo`` return the type of ``g``: a numpy float64 array, or a torch tensor
-with ``g``'s dtype and device.
+the boundary. A float64 CPU ``G`` is not copied: the set keeps a read-only view of it (a layer's per-sample
+gradients can be gigabytes), so change G only after the set is no longer used. ``project`` and ``lmo``
+return the type of ``g``: a numpy float64 array, or a torch tensor with ``g``'s dtype and device.
 """
 
 from __future__ import annotations
@@ -93,8 +94,13 @@ def _pow2(m: float) -> float:
     return math.ldexp(1.0, math.frexp(m)[1] - 1)
 
 
+def _max_abs(x: np.ndarray, axis=None):
+    """max |x| (over `axis`) from max and min, which read x without the full-size copy np.abs would make."""
+    return np.maximum(np.max(x, axis=axis), -np.min(x, axis=axis))
+
+
 def _scale(x: np.ndarray) -> float:
-    return _pow2(float(np.max(np.abs(x)))) if x.size else 1.0
+    return _pow2(float(_max_abs(x))) if x.size else 1.0
 
 
 def _shrink(x: np.ndarray, s: float) -> np.ndarray:
@@ -113,19 +119,27 @@ def _norm(x: np.ndarray) -> float:
 
 
 _BLOCK = 1 << 22  # entries of G handled at once (32 MB): bounds the temporary copies of a wide G
+_DIRECT = 2.0**200  # row scales within [1/_DIRECT, _DIRECT]: G itself can enter the products (see _Rows)
 
 
 class _Rows:
-    """The rows of G as (G_i / div_i - center) / post_i, read a block of columns at a time.
+    """The rows of G as (G_i / div_i - center) / post_i, without copying G when it can be avoided.
 
-    The sets solve in these normalised coordinates; the blocks keep the temporary copies to one block
-    whatever d is (the scale trainer passes one layer's per-sample gradients).
+    The sets solve in these normalised coordinates. Without a center and with every row scale `div_i`
+    within 2^+-200, the products are taken on G itself and the row factors applied to the n x n or n-long
+    results (`direct`): no entry of G G^T can overflow (|G| < 2^201, d < 2^500), and a product that
+    underflows is below 2^-600 in the normalised units (entries of order 1), far under the solvers'
+    tolerances. Otherwise (a center; extreme scales) the normalised rows are formed a block of columns at
+    a time, which bounds the temporary copies to one block.
     """
 
     def __init__(self, G: np.ndarray, div: np.ndarray, center: np.ndarray | None = None, post=None):
         n, d = G.shape
         self.G, self.div, self.center = G, div, center
         self.post = np.ones(n) if post is None else post
+        self.direct = center is None and bool(np.all((div >= 1 / _DIRECT) & (div <= _DIRECT)))
+        # direct: row i of the normalised rows is inv_i * G_i (formed only then: extreme div could overflow)
+        self.inv = 1.0 / (div * self.post) if self.direct else None
         step = max(1, _BLOCK // max(n, 1))
         self.blocks = [slice(j, j + step) for j in range(0, d, step)]
 
@@ -137,6 +151,8 @@ class _Rows:
 
     def gram(self) -> np.ndarray:
         n = self.G.shape[0]
+        if self.direct:  # G @ G.T: numpy hands a matrix times its own transpose to BLAS syrk (half the work)
+            return (self.G @ self.G.T) * np.outer(self.inv, self.inv)
         K = np.zeros((n, n))
         for blk in self.blocks:
             A = self.block(blk)
@@ -145,6 +161,8 @@ class _Rows:
 
     def dot(self, x: np.ndarray) -> np.ndarray:
         """A x, A the normalised rows."""
+        if self.direct:
+            return self.inv * (self.G @ x)
         out = np.zeros(self.G.shape[0])
         for blk in self.blocks:
             out += self.block(blk) @ x[blk]
@@ -152,16 +170,17 @@ class _Rows:
 
     def combine(self, c: np.ndarray) -> np.ndarray:
         """A^T c."""
+        if self.direct:
+            return (self.inv * c) @ self.G
         out = np.zeros(self.G.shape[1])
         for blk in self.blocks:
             out[blk] = c @ self.block(blk)
         return out
 
 
-def _row_scales(G: np.ndarray) -> np.ndarray:
-    """`_pow2` of each row's largest entry, vectorised."""
-    m = np.max(np.abs(G), axis=1) if G.shape[1] else np.zeros(G.shape[0])
-    return np.where(m > 0, np.ldexp(1.0, np.frexp(m)[1] - 1), 1.0)
+def _row_scales(row_max: np.ndarray) -> np.ndarray:
+    """`_pow2` of each row's largest |entry| (`_RowsSet.row_max`), vectorised."""
+    return np.where(row_max > 0, np.ldexp(1.0, np.frexp(row_max)[1] - 1), 1.0)
 
 
 # ----------------------------------------------------------------------------- the Gram-space solver
@@ -290,7 +309,13 @@ class _RowsSet(FeasibleSet):
     """A set built from the rows of G ([n, d]); caches its normalised Gram matrices lazily."""
 
     def __init__(self, G):
-        self.G = real_array("G", G, 2)
+        # A read-only view, not a copy: G may be the size of a model layer. Its finiteness is read off the
+        # row maxima of |G|, which the scalings need anyway (NaN and inf propagate through max and min), so
+        # the check costs no pass over G of its own.
+        self.G = real_array("G", G, 2, copy=False, finite=False)
+        self.row_max = _max_abs(self.G, axis=1) if self.dim else np.zeros(self.n)
+        if not np.all(np.isfinite(self.row_max)):
+            raise ValueError("G: contains NaN or infinite values")
         self._cache: dict = {}
 
     @property
@@ -304,9 +329,13 @@ class _RowsSet(FeasibleSet):
     def _scaled(self):
         """(rows G / s, their Gram matrix) with s = `_pow2` of max |G|: for sets that change with row scales."""
         if "scaled" not in self._cache:
-            rows = _Rows(self.G, np.full(self.n, _scale(self.G)))
+            rows = _Rows(self.G, np.full(self.n, self._g_scale()))
             self._cache["scaled"] = (rows, rows.gram())
         return self._cache["scaled"]
+
+    def _g_scale(self) -> float:
+        """`_scale(self.G)`, from the row maxima."""
+        return _pow2(float(self.row_max.max(initial=0.0)))
 
     def _scores(self, g: np.ndarray) -> np.ndarray:
         """<G_i, g> up to one positive factor (the same for all i): enough for every ranking and sign test."""
@@ -370,7 +399,7 @@ class Span(_RowsSet):
     def _project(self, g):
         if self.n == 0:
             return np.zeros_like(g)
-        A = self.G / _row_scales(self.G)[:, None]
+        A = self.G / _row_scales(self.row_max)[:, None]
         s = _scale(g)
         c = np.linalg.lstsq(A.T, g / s, rcond=1e-12)[0]
         return s * (A.T @ c)
@@ -388,7 +417,7 @@ class _ConeBase(_RowsSet):
         its largest entry, so that its norm neither overflows nor underflows.
         """
         if "unit" not in self._cache:
-            div = _row_scales(self.G)
+            div = _row_scales(self.row_max)
             K = _Rows(self.G, div).gram()
             norms = np.sqrt(np.diag(K)).copy()
             live = norms > 0
@@ -489,7 +518,7 @@ class Hull(_RowsSet):
         """(rows D / t, their Gram matrix, s, m, t): D = G / s - m with m = G_p / s; s, t powers of two."""
         key = ("centred", p)
         if key not in self._cache:
-            s, n = _scale(self.G), self.n
+            s, n = self._g_scale(), self.n
             m = self.G[p] / s
             spread = _Rows(self.G, np.full(n, s), center=m)
             t = max((_scale(spread.block(blk)) for blk in spread.blocks), default=1.0)
@@ -498,7 +527,7 @@ class Hull(_RowsSet):
         return self._cache[key]
 
     def _nearest_vertex(self, g: np.ndarray) -> int:
-        s = _scale(self.G)
+        s = self._g_scale()
         rows = _Rows(self.G, np.full(self.n, s), center=_shrink(g, s))
         t = max((_scale(rows.block(blk)) for blk in rows.blocks), default=1.0)  # squares cannot overflow
         sq = np.zeros(self.n)

@@ -272,6 +272,43 @@ def test_gradient_checkpointing_gives_the_same_update(world, tmp_path):
         torch.testing.assert_close(finals[0][k], finals[1][k], rtol=1e-5, atol=1e-6)
 
 
+
+def test_entropy_is_logged_every_k_steps_and_never_made_up(world, tmp_path):
+    """run.entropy_every=2: step 1 computes no entropy and logs none (no 0 in its place), step 2 logs it;
+    the default (1) logs it every step, as the committed sweeps read it."""
+    for every, want in ((2, [False, True]), (1, [True, True])):
+        out = tmp_path / f"every{every}"
+        ov = base_overrides(world, "sft", "sft", out, **{"run.entropy_every": every})
+        assert cli(["train", str(CONFIGS / "tiny_sft.yaml"), *ov]) == 0
+        rows = read_metrics(out)
+        assert ["entropy" in r for r in rows] == want, rows
+        assert all(r["entropy"] > 0 for r in rows if "entropy" in r)
+
+
+def test_entropy_is_computed_when_the_loss_or_the_log_needs_it(world, tmp_path):
+    """An entropy bonus computes it with its graph on every step whatever run.entropy_every says; a statistic
+    is computed only on the logged steps; a loss with a bonus refuses a missing entropy."""
+    from scale.loss import Row, Terms, collate, local_counts, micro_loss, sft_estimator
+
+    def args_by_step(tr) -> list[dict]:
+        out = []
+        for tr.step in range(3):
+            out.append(tr.entropy_args())
+        return out
+
+    tr = _trainer(world, tmp_path / "a", method="sft", data="sft", **{"run.entropy_every": 3})
+    statistic = {"with_entropy": True, "entropy_grad": False}
+    assert args_by_step(tr) == [{"with_entropy": False, "entropy_grad": False}] * 2 + [statistic]
+    tr = _trainer(world, tmp_path / "b", method="rl", data="rl",
+                  **{"run.entropy_every": 3, "method.rl.entropy_coef": 0.01})
+    assert args_by_step(tr) == [{"with_entropy": True, "entropy_grad": True}] * 3
+    rows = [Row([1, 2, 3, 4], 2, "sft")]
+    mb = collate(rows, 0)
+    lp = torch.zeros(mb["input_ids"].shape, dtype=torch.float64)
+    assert "entropy_sum" not in micro_loss(lp, None, mb, Terms(sft=sft_estimator()), local_counts(rows))[1]
+    with pytest.raises(ValueError, match="^entropy: "):
+        micro_loss(lp, None, mb, Terms(sft=sft_estimator(), entropy_coef=0.01), local_counts(rows))
+
 def test_constant_length_aggregation_uses_the_completion_budget():
     """Dr. GRPO's L is generation.max_new_tokens in the trainer (not the padded prompt + completion width),
     unless the estimator options set it; other aggregations are left alone."""

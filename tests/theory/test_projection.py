@@ -379,6 +379,70 @@ def test_bad_inputs_name_the_argument():
         HalfSpace(np.zeros(3), offset=1.0)
 
 
+
+ROW_SETS = {"cone": Cone, "gem": HalfSpaces, "hull": Hull, "span": Span, "subset": lambda G: SubsetAverages(G, 2)}
+
+
+@pytest.mark.parametrize("name", list(ROW_SETS))
+def test_sets_keep_a_view_of_G_and_never_write_to_it(name):
+    """G is held as a read-only view, not copied (issue 19 item 6): projecting leaves G and g as they were
+    (numpy and torch, contiguous and strided), and NaN / inf anywhere in G or g is still refused by name."""
+    rng = np.random.default_rng(1)
+    wide = rng.standard_normal((5, 14))
+    for G in (wide[:, :7].copy(), wide[:, ::2]):   # contiguous, and a strided view
+        g = rng.standard_normal(G.shape[1])
+        G0, g0 = G.copy(), g.copy()
+        S = ROW_SETS[name](G)
+        z = project(g, S)
+        assert np.array_equal(G, G0) and np.array_equal(g, g0) and G.flags.writeable
+        np.testing.assert_allclose(z, project(g0, ROW_SETS[name](G0)), rtol=1e-12, atol=1e-14)  # BLAS order
+        for bad in (np.nan, np.inf, -np.inf):
+            Gb, gb = G.copy(), g.copy()
+            Gb[3, 5], gb[4] = bad, bad
+            with pytest.raises(ValueError, match="^G: contains NaN or infinite values"):
+                ROW_SETS[name](Gb)
+            with pytest.raises(ValueError, match="^g: contains NaN or infinite values"):
+                project(gb, S)
+    Gt, gt = torch.tensor(G0), torch.tensor(g0)
+    project(gt, ROW_SETS[name](Gt))
+    assert torch.equal(Gt, torch.tensor(G0)) and torch.equal(gt, torch.tensor(g0))
+
+
+
+def test_all_finite_equals_the_full_mask_for_every_layout():
+    """The sliced finiteness check (no full-size boolean mask) == np.isfinite(x).all(), for C, Fortran,
+    strided and 3-D transposed arrays, a bad value at every position, slices shorter than a row."""
+    from theory._checks import all_finite
+
+    base = np.arange(60.0).reshape(3, 4, 5)
+    layouts = [lambda a: a, lambda a: np.asfortranarray(a), lambda a: a[:, ::2, 1:], lambda a: a.transpose(2, 0, 1),
+               lambda a: a[1, :, ::3]]
+    for make in layouts:
+        assert all_finite(make(base), block=7)
+        for i in range(base.size):
+            for bad in (np.nan, np.inf, -np.inf):
+                x = base.copy()
+                x.flat[i] = bad
+                view = make(x)
+                assert all_finite(view, block=7) == bool(np.isfinite(view).all())
+
+def test_direct_products_equal_the_blocked_normalised_rows(monkeypatch):
+    """The Gram / dot / combine products taken on G itself (row scales within 2^+-200) equal the blocked
+    computation on explicitly normalised rows, for rows of norms 1e-30 .. 1e30."""
+    import theory.projection as tp
+
+    rng = np.random.default_rng(2)
+    G = rng.standard_normal((12, 40)) * np.logspace(-30, 30, 12)[:, None]
+    G[: 4] *= -1
+    g = rng.standard_normal(40)
+    fast = {k: project(g, ROW_SETS[k](G)) for k in ("cone", "gem", "hull", "subset")}
+    assert ROW_SETS["cone"](G)._unit()[0].direct
+    monkeypatch.setattr(tp, "_DIRECT", 0.5)  # no row scale lies in [2, 0.5]: every product goes by blocks
+    assert not ROW_SETS["cone"](G)._unit()[0].direct
+    for k, z in fast.items():
+        np.testing.assert_allclose(z, project(g, ROW_SETS[k](G)), rtol=1e-12, atol=1e-12 * np.abs(z).max(),
+                                   err_msg=k)
+
 def test_torch_in_torch_out():
     rng = np.random.default_rng(0)
     G, g = rng.standard_normal((5, 6)), rng.standard_normal(6)
