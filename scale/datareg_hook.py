@@ -174,8 +174,10 @@ class TrainerHook:
         def target_loss():
             trows = self._rl_target_rows() if self.rl_target else self._target_rows()
             mb = collate(trows, pad, dev)
-            lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], with_entropy=False,
-                                temperature=tr.cfg.generation.temperature if self.rl_target else 1.0)
+            bonus = self.cfg.target_loss == "train_loss" and bool(tr.terms.entropy_coef)   # part of that loss
+            temp = tr.cfg.generation.temperature if self.rl_target else 1.0
+            lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], with_entropy=bonus,
+                                entropy_grad=bonus, temperature=temp)
             if not self.rl_target:
                 return target_nll(lp, ent, mb, trows)
             if self.cfg.target_loss == "train_loss":
