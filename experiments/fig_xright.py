@@ -34,7 +34,8 @@ terse answer (`toy.world.terse_reward`); DPO side, the greedy completion is exac
 the answer the preference rule prefers (`toy.world.worked_reward`); also their sampled avg@4. Runtime: the sum
 of the logged `step_time` over the 200 steps (training only; held-out evaluation excluded); memory: the
 process's peak resident memory (`peak_rss_mb`) at step 200. Cells run two at a time on the two cores, one
-thread each.
+thread each. (Stated after the runs: the Dr. Post-Training sweeps ran beside this set for most of its 53
+minutes, one process at a time, so three processes shared the two cores.)
 
 Definitions (per seed): gap_SFT = f_SFT - f*_SFT and gap_DPO = f_DPO - f*_DPO on the held-out sets at step 200,
 with f* the held-out values of that seed's sft_only and dpo_only runs; ideal distance = the Euclidean norm of
@@ -321,8 +322,9 @@ def xright_cost(out: Path) -> FigureResult:
         ["xright_cost.png"],
         "Runtime = the summed training step times of a run (held-out evaluation excluded); memory = the process's "
         "peak resident memory; both over the mean of the two sequential orders at the same lam and seed, then "
-        "averaged over seeds 1-3 (lam = 0.25 / 0.5 / 0.75 in the finding). Two cells ran at once on two shared "
-        f"cores, one thread each. {_runtime_text(data)}",
+        "averaged over seeds 1-3 (lam = 0.25 / 0.5 / 0.75 in the finding). Two cells ran at once, one thread "
+        "each, and for most of the set a cell of another sweep ran beside them: three processes on two shared "
+        f"cores, so the ratios carry timing noise. {_runtime_text(data)}",
         held, finding + ".", {"claims": claims, "runtime_ratio": {f"{m}@{lam}": v for (m, lam), v in ratio.items()},
                               "memory_ratio": {f"{m}@{lam}": v for (m, lam), v in mem.items()}})
 
