@@ -103,6 +103,7 @@ class Trainer:
             raise ValueError(f"method.rl.mini_batches: must divide the per-process batch {r.batch_size // self.P}")
         check_engine(self.acc, cfg)
         self._deepspeed_fixups()
+        self._fsdp2_fixups()
         if cfg.model.dtype in ("bfloat16", "float16") and not cfg.model.lora.enabled and self.acc.is_main_process:
             print(f"ptlab train: warning: model.dtype={cfg.model.dtype} trains half-precision weights with no float32 "
                   "copy: small updates round away (README, 'Precision'); use model.dtype=float32 with "
@@ -177,6 +178,22 @@ class Trainer:
         engine, *_ = deepspeed.initialize(model=ref, config=ds)
         engine.eval()   # DeepSpeedEngine.eval returns None, not the module
         return engine
+
+    def _fsdp2_fixups(self):
+        """accelerate's FSDP2 mixed-precision policy casts the wrapped module's outputs, our log-probs, to the
+        compute dtype (bf16), so PPO ratios and DPO margins would lose their low bits; and it reduces gradients
+        in bf16. Keep the bf16 compute, leave outputs as computed (the head promotes the logits to float32
+        itself, scale.logprobs) and reduce in float32. (output_dtype=float32 would also cast every inner
+        block's output, and the next block's bf16 weights would meet float32 inputs.)"""
+        plugin = getattr(self.acc.state, "fsdp_plugin", None)
+        mp = getattr(plugin, "mixed_precision_policy", None)
+        if plugin is None or getattr(plugin, "fsdp_version", 1) != 2 or getattr(mp, "param_dtype", None) is None:
+            return   # not FSDP2, or no mixed precision: parameters, outputs and reductions keep the model's dtype
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=torch.float32,
+                                                             output_dtype=None,
+                                                             cast_forward_inputs=mp.cast_forward_inputs)
 
     def _deepspeed_fixups(self):
         plugin = getattr(self.acc.state, "deepspeed_plugin", None)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def fsdp2_accelerator():
+def fsdp2_accelerator(mixed_precision: str = "no"):
     """The Accelerator `accelerate launch --config_file scale/accelerate_configs/fsdp2.yaml` would build: the
     launcher turns the file's fsdp_config into FSDP_* variables, which the plugin reads."""
     import os
@@ -35,7 +35,7 @@ def fsdp2_accelerator():
     os.environ.update({k.upper(): str(v).lower() if isinstance(v, bool) else str(v) for k, v in shipped.items()})
     os.environ["ACCELERATE_USE_FSDP"] = "true"
     PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU   # the shim (module doc)
-    return Accelerator(cpu=True)
+    return Accelerator(cpu=True, mixed_precision=mixed_precision)
 
 
 def deepspeed_accelerator(stage: int):
@@ -65,11 +65,17 @@ def main(engine: str, overrides: list[str]) -> None:
     from scale.config import load_config
     from scale.train import Trainer, _end_distributed
 
-    acc = fsdp2_accelerator() if engine == "fsdp2" else \
+    cfg = load_config(None, overrides)
+    acc = fsdp2_accelerator(cfg.run.mixed_precision) if engine == "fsdp2" else \
         deepspeed_accelerator(int(engine[-1])) if engine.startswith("zero") else None
-    tr = Trainer(load_config(None, overrides), accelerator=acc)
+    tr = Trainer(cfg, accelerator=acc)
     try:
         tr.train()
+        # what the policy returns to the losses (PPO ratios, DPO margins); a sharded forward runs on every rank
+        mb = tr.collate(tr.method.rows(tr, 0, {})[:1])
+        lp, _ = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"])
+        if tr.acc.is_main_process:
+            (Path(cfg.run.output_dir) / "logp_dtype.txt").write_text(str(lp.dtype))
     finally:
         _end_distributed()
 

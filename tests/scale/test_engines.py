@@ -158,3 +158,15 @@ def test_engine_resume_equals_uninterrupted(world, tmp_path, engine, dtype):
     _launch(engine, 2, base_overrides(world, "sft", "sft", cut, **ov, **{"run.resume": True}))
     a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (full, cut))
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_fsdp2_bf16_mixed_precision_returns_float32_logprobs(world, tmp_path):
+    """Under FSDP2 with run.mixed_precision=bf16 the decoder computes in bf16, but the log-probs that PPO
+    ratios and DPO margins are made of come back in float32 (accelerate's FSDP2 policy would cast the
+    root's outputs to bf16), and the run trains."""
+    out = tmp_path / "bf16"
+    _launch("fsdp2", 2, base_overrides(world, "sft", "sft", out, **{
+        "model.dtype": "float32", "run.cpu": True, "run.mixed_precision": "bf16", "run.save_model": True}))
+    assert (out / "logp_dtype.txt").read_text() == "torch.float32"
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+    assert len(losses) == 2 and all(v == v for v in losses)
