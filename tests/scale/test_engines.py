@@ -62,7 +62,10 @@ def _reloads(final: Path, saved: dict) -> None:
 
 CASES = [("sft", "sft", 1, {}), ("rl", "rl", 2, {}),
          pytest.param("dpo", "dpo", 1, {}, marks=pytest.mark.slow),
-         pytest.param("hpt", "rl", 2, {"method.hpt.gamma": 0.5}, marks=pytest.mark.slow)]
+         pytest.param("hpt", "rl", 2, {"method.hpt.gamma": 0.5}, marks=pytest.mark.slow),
+         pytest.param("sft_dpo", "joint", 1, {"method.joint.schedule": "maxright", "method.joint.k": 1},
+                      marks=pytest.mark.slow),
+         pytest.param("luffy", "rl", 2, {}, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("method,data,base_procs,extra", CASES)
@@ -89,7 +92,10 @@ ZERO_CASES = [("zero2", "sft", "sft", 1, {}), ("zero3", "rl", "rl", 2, {}), ("ze
               pytest.param("zero2", "dpo", "dpo", 1, {}, marks=pytest.mark.slow),
               pytest.param("zero3", "rl", "rl", 2, {"generation.backend": "ptlab"}, marks=pytest.mark.slow),
               pytest.param("zero3", "hpt", "rl", 2, {"method.hpt.gamma": 0.5}, marks=pytest.mark.slow),
-              pytest.param("zero2", "hpt", "rl", 2, {"method.hpt.gamma": 0.5}, marks=pytest.mark.slow)]
+              pytest.param("zero2", "hpt", "rl", 2, {"method.hpt.gamma": 0.5}, marks=pytest.mark.slow),
+              pytest.param("zero3", "sft_dpo", "joint", 1, {"method.joint.schedule": "maxright", "method.joint.k": 1},
+                           marks=pytest.mark.slow),
+              pytest.param("zero3", "srft", "rl", 2, {}, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("engine,method,data,base_procs,extra", ZERO_CASES)
