@@ -68,7 +68,7 @@ import numpy as np  # noqa: E402
 
 from experiments.registry import FigureResult, figure, save_figure  # noqa: E402
 from experiments.sweep import finished_cells  # noqa: E402
-from experiments.verdicts import grade, mean_ci  # noqa: E402
+from experiments.verdicts import final, grade, mean_ci, step_seconds, value_at  # noqa: E402
 
 SET = Path("experiments/sweeps/drpt_set.yaml")
 WORLD = Path("runs/tiny")
@@ -121,10 +121,7 @@ def ppl_curve(rows: list[dict]) -> dict[int, float]:
 
 
 def final_of(rows: list[dict], key: str) -> float:
-    vals = [r[key] for r in rows if r.get("step") == STEPS and key in r]
-    if not vals:
-        raise ValueError(f"metric {key!r} was not logged at step {STEPS}")
-    return float(vals[-1])
+    return value_at(rows, key, STEPS)
 
 
 def verdict(ppl: dict[str, dict[int, float]], overfit: dict[int, float], acc: dict[str, dict[int, float]]):
@@ -176,7 +173,7 @@ def fig_datareg_sft(out: Path) -> FigureResult:
     table = ["| rule | final perplexity | final greedy accuracy (level 5) | runtime (s, training steps) |",
              "|---|---|---|---|"]
     for r, label in RULES.items():
-        rt = [sum(x["step_time"] for x in c["rows"] if "step_time" in x) for c in by[r].values()]
+        rt = [step_seconds(c["rows"]) for c in by[r].values()]
         table.append(f"| {label} | {mean_ci(ppl[r].values())} | {mean_ci(acc[r].values())} | {np.mean(rt):.1f} |")
     (out / "datareg_sft.md").write_text(
         "# Dr. Post-Training SFT in miniature: final held-out numbers (mean [95% CI] over seeds 1-5)\n\n"
@@ -351,7 +348,7 @@ def datareg_rlvr(out: Path) -> FigureResult:
     by: dict[str, dict[int, dict]] = {}
     for c in finished_cells(RLVR_SET, run=True):
         by.setdefault(c["method"], {})[c["seed"]] = c
-    acc = {r: {s: float([x[RLVR_KEY] for x in c["rows"] if RLVR_KEY in x][-1]) for s, c in by[r].items()}
+    acc = {r: {s: final(c["rows"], RLVR_KEY) for s, c in by[r].items()}
            for r in RLVR_RULES}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for r in RLVR_RULES:

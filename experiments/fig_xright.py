@@ -78,7 +78,7 @@ import numpy as np  # noqa: E402
 
 from experiments.registry import FigureResult, figure, save_figure  # noqa: E402
 from experiments.sweep import finished_cells  # noqa: E402
-from experiments.verdicts import grade, mean_ci  # noqa: E402
+from experiments.verdicts import grade, mean_ci, step_seconds, value_at  # noqa: E402
 
 SET = Path("experiments/sweeps/xright_set.yaml")
 TUNE = (Path("experiments/sweeps/xright_tune.yaml"), Path("experiments/sweeps/xright_tune2.yaml"))
@@ -108,11 +108,12 @@ def lam_of(method: str, point: dict) -> float | None:
 
 
 def at_end(rows: list[dict], key: str) -> float:
-    """The value of `key` logged at the last step (ValueError when the run did not log it there)."""
-    vals = [r[key] for r in rows if r.get("step") == STEPS and key in r]
-    if not vals:
-        raise ValueError(f"metric {key!r} was not logged at step {STEPS}")
-    return float(vals[-1])
+    return value_at(rows, key, STEPS)
+
+
+def trajectory(c) -> list[tuple[float, float]]:
+    """The held-out (f_SFT, f_DPO) of a cell at each evaluation."""
+    return [(r[F["sft"]], r[F["dpo"]]) for r in c["rows"] if F["sft"] in r and F["dpo"] in r]
 
 
 def ideal_distance(rows: list[dict], ideal: dict[str, float]) -> float:
@@ -193,8 +194,7 @@ def gap(o: str):
 
 
 def runtime(c, ideal=None) -> float:
-    """Seconds of training steps (the logged step_time summed; evaluation excluded)."""
-    return float(sum(r["step_time"] for r in c["rows"] if "step_time" in r))
+    return step_seconds(c["rows"])
 
 
 def peak(c, ideal=None) -> float:
@@ -235,7 +235,7 @@ def xright_tradeoff(out: Path) -> FigureResult:
     for ax, lam in zip(axes[0], LAMS):
         for m in METHODS:
             for s, c in sorted(data["by"][(m, lam)].items()):
-                pts = [(r[F["sft"]], r[F["dpo"]]) for r in c["rows"] if F["sft"] in r and F["dpo"] in r]
+                pts = trajectory(c)
                 ax.plot(*zip(*pts), color=COLOR[m], lw=1, alpha=0.7, label=LABEL[m] if s == 1 else None)
                 ax.plot(*pts[-1], "o", color=COLOR[m], ms=4)
         ideal = np.array([[v["sft"], v["dpo"]] for v in data["ideal"].values()])
@@ -385,7 +385,7 @@ def xright_k(out: Path) -> FigureResult:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for k, color in zip(KS, ("tab:purple", "tab:pink", "tab:brown", "tab:gray")):
         for s, c in sorted(data["by"][("maxright_k", k)].items()):
-            pts = [(r[F["sft"]], r[F["dpo"]]) for r in c["rows"] if F["sft"] in r and F["dpo"] in r]
+            pts = trajectory(c)
             axes[0].plot(*zip(*pts), color=color, lw=1, alpha=0.8, label=f"k={k}" if s == 1 else None)
     axes[0].set(title="MAXRIGHT at lam = 0.5: held-out trajectories", xlabel="f_SFT", ylabel="f_DPO")
     axes[0].legend(fontsize=8)

@@ -41,10 +41,14 @@ def single_objective_overrides(cfg, objective: str, out: Path) -> list[str]:
 
 
 def _final(out: Path, key: str, max_steps: int) -> float | None:
+    """The run's value of `key` at max_steps, None when it has not logged it (not run, or cut short)."""
     from experiments.sweep import load_metrics
+    from experiments.verdicts import value_at
 
-    rows = [r for r in load_metrics(out / "metrics.jsonl") if r.get("step") == max_steps and key in r]
-    return float(rows[-1][key]) if rows else None
+    try:
+        return value_at(load_metrics(out / "metrics.jsonl"), key, max_steps)
+    except ValueError:
+        return None
 
 
 def ideal_point(config: str | Path, overrides: list[str], out: str | Path) -> dict:

@@ -1,5 +1,6 @@
 """Helpers shared by the figure modules that grade paper claims on sweeps over seeds: the final value of a
-metric, paired "beats in every seed", the yes / partly / no grade, and mean-with-interval text and bands."""
+metric or its value at a step, the training time of a run, paired "beats in every seed", the yes / partly /
+no grade, and mean-with-interval text and bands."""
 
 from __future__ import annotations
 
@@ -10,6 +11,19 @@ def final(rows: list[dict], key: str) -> float:
         if key in r:
             return float(r[key])
     raise ValueError(f"metric {key!r} was never logged")
+
+
+def value_at(rows: list[dict], key: str, step: int) -> float:
+    """The value of `key` logged at `step` (the last such line; ValueError when the run did not log it there)."""
+    vals = [r[key] for r in rows if r.get("step") == step and key in r]
+    if not vals:
+        raise ValueError(f"metric {key!r} was not logged at step {step}")
+    return float(vals[-1])
+
+
+def step_seconds(rows: list[dict]) -> float:
+    """Seconds spent in training steps: the logged step_time summed (held-out evaluation excluded)."""
+    return float(sum(r["step_time"] for r in rows if "step_time" in r))
 
 
 def beats(variant: dict[int, float], baseline: dict[int, float]) -> bool:

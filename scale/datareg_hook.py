@@ -51,6 +51,7 @@ class TrainerHook:
         self.tr, self.cfg = trainer, d
         self.engine: DataReg | None = None
         self.target: list[dict] = []
+        self._stats: list[dict] = []   # this step's selection statistics, one dict per micro-batch
         self.rl_target = d.target_loss != "nll"
         if self.rl_target and not trainer.method.rollouts:
             raise ValueError(f"datareg.target_loss: {d.target_loss} needs a method that samples rollouts (the RL "
@@ -75,7 +76,7 @@ class TrainerHook:
     def metrics(self) -> dict[str, float]:
         """The step's selection statistics (`scale.datareg.selection_stats`) and target loss, as datareg/<name>,
         each the mean over the step's micro-batches that have it."""
-        keys = sorted({k for st in getattr(self, "_stats", []) for k in st})
+        keys = sorted({k for st in self._stats for k in st})
         return {f"datareg/{k}": float(sum(st[k] for st in self._stats if k in st) /
                                       sum(1 for st in self._stats if k in st)) for k in keys}
 
