@@ -61,6 +61,13 @@ Verdict rules, written and committed before the runs that decide them:
 - xright_k (the refresh-interval ablation), lam = 0.5: (A) runtime falls with k, mean over seeds k=1 > k=10
   > k=50; (B) k = 1's ideal distance is at most k = 200's in every seed. held = yes if both, partly if one,
   no if neither.
+- xright_pythia_grid (added 2 Dec 2026, after the main set's results had been read; this rule is written and
+  committed before its own runs, `experiments/sweeps/xright_pythia.yaml`): the Pythia grid's lam 0.01 and 0.99,
+  which the main set leaves out for time. Same protocol, rates and f* as the main set, seeds 1-3, the ideal
+  point from that sweep's own sft_only / dpo_only cells (the same configs). xright_tradeoff's rule at these two
+  lam: (A) ALRIGHT's ideal distance is below both sequential orders' at both lam, in every seed; (B) the same for
+  MAXRIGHT (k = 10); (C) MAXRIGHT (k = 10) has the lowest mean ideal distance of the five at both lam. held =
+  yes if A, B and C hold, partly if one or two, no if none.
 """
 
 from __future__ import annotations
@@ -81,6 +88,8 @@ from experiments.sweep import finished_cells  # noqa: E402
 from experiments.verdicts import grade, mean_ci, step_seconds, value_at  # noqa: E402
 
 SET = Path("experiments/sweeps/xright_set.yaml")
+PYTHIA = Path("experiments/sweeps/xright_pythia.yaml")
+PYTHIA_LAMS = (0.01, 0.99)
 TUNE = (Path("experiments/sweeps/xright_tune.yaml"), Path("experiments/sweeps/xright_tune2.yaml"))
 WORLD = Path("runs/tiny")
 STEPS = 200
@@ -156,15 +165,14 @@ def tuning() -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the set
-@cache
-def runs() -> dict:
-    """Build the world if needed, run (or resume) the set; return {"cells": [...], "ideal": {seed: {sft, dpo}},
+def collect(path: Path) -> dict:
+    """Build the world if needed, run (or resume) a set; return {"cells": [...], "ideal": {seed: {sft, dpo}},
     "by": {(method, lam or k): {seed: cell}}, "seconds": wall seconds of all cells (sum)}."""
     from toy.world import build
 
     if not (WORLD / "base").exists() or not (WORLD / "data" / "test_style.jsonl").exists():
         build(WORLD)
-    cs = finished_cells(SET, run=True)
+    cs = finished_cells(path, run=True)
     ideal = {c["seed"]: {} for c in cs}
     by: dict[tuple, dict[int, dict]] = {}
     for c in cs:
@@ -175,9 +183,16 @@ def runs() -> dict:
             continue
         key = (m, c["point"]["method.joint.k"]) if m == "maxright_k" else (m, lam_of(m, c["point"]))
         by.setdefault(key, {})[c["seed"]] = c
-    for k in KS:   # the ablation's k = 1 and k = 10 cells are the main set's lam = 0.5 cells
-        by.setdefault(("maxright_k", k), by.get((f"maxright_k{k}", 0.5), {}))
     return {"cells": cs, "ideal": ideal, "by": by, "seconds": sum(c["done"]["seconds"] for c in cs)}
+
+
+@cache
+def runs() -> dict:
+    """The main set (`collect(SET)`), with the k-ablation's k = 1 and k = 10 cells taken from its lam = 0.5 cells."""
+    data = collect(SET)
+    for k in KS:
+        data["by"].setdefault(("maxright_k", k), data["by"].get((f"maxright_k{k}", 0.5), {}))
+    return data
 
 
 def per_seed(data: dict, key: tuple, fn) -> dict[int, float]:
@@ -215,15 +230,15 @@ def _runtime_text(data: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------ trade-off
-def tradeoff_verdict(d: dict[tuple, dict[int, float]]) -> tuple[str, dict]:
-    """Rule xright_tradeoff from {(method, lam): {seed: ideal distance}}."""
+def tradeoff_verdict(d: dict[tuple, dict[int, float]], lams: tuple = LAMS, need: int = 2) -> tuple[str, dict]:
+    """Rule xright_tradeoff from {(method, lam): {seed: ideal distance}} (xright_pythia_grid: its two lam, need 2)."""
     def below_seq(m):
-        return all(all(d[(m, lam)][s] < d[(q, lam)][s] for q in SEQ for s in d[(m, lam)]) for lam in LAMS)
+        return all(all(d[(m, lam)][s] < d[(q, lam)][s] for q in SEQ for s in d[(m, lam)]) for lam in lams)
 
     five = (*SEQ, "mix", "alright", "maxright_k10")
-    lowest = [lam for lam in LAMS if min(five, key=lambda m: mean(d[(m, lam)])) == "maxright_k10"]
+    lowest = [lam for lam in lams if min(five, key=lambda m: mean(d[(m, lam)])) == "maxright_k10"]
     claims = {"A_alright_below_sequential": below_seq("alright"), "B_maxright_below_sequential":
-              below_seq("maxright_k10"), "C_maxright_lowest_at_2_lams": len(lowest) >= 2}
+              below_seq("maxright_k10"), f"C_maxright_lowest_at_{need}_lams": len(lowest) >= need}
     return grade(list(claims.values())), {**claims, "maxright_lowest_at": lowest}
 
 
@@ -403,6 +418,41 @@ def xright_k(out: Path) -> FigureResult:
         "runtime " + ", ".join(f"k={k} {rt[k]:.1f} s" for k in KS) + "; ideal distance "
         + ", ".join(f"k={k} {mean(d[k]):.3f}" for k in KS), {"claims": claims})
 
+
+
+# ------------------------------------------------------------------------------------------ the Pythia grid
+@figure("xright_pythia_grid", "XRIGHT Pythia figures at the grid's ends (lam 0.01, 0.99): ALRIGHT and MAXRIGHT end "
+        "closer to the ideal point than sequential training (MAXRIGHT closest)", slow=True)
+def xright_pythia_grid(out: Path) -> FigureResult:
+    data = collect(PYTHIA)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for ax, lam in zip(axes, PYTHIA_LAMS):
+        for m in METHODS:
+            for s, c in sorted(data["by"][(m, lam)].items()):
+                ax.plot(*zip(*trajectory(c)), color=COLOR[m], lw=1, alpha=0.7, label=LABEL[m] if s == 1 else None)
+        ideal = np.array([[v["sft"], v["dpo"]] for v in data["ideal"].values()])
+        ax.plot(*ideal.mean(0), "k*", ms=14, label="ideal point (mean over seeds)")
+        ax.set(title=f"lam = {lam}", xlabel="held-out f_SFT (terse NLL)", ylabel="held-out f_DPO")
+    axes[0].legend(fontsize=7)
+    d = {(m, lam): per_seed(data, (m, lam), dist) for m in METHODS for lam in PYTHIA_LAMS}
+    x = np.arange(len(PYTHIA_LAMS))
+    for i, m in enumerate(METHODS):
+        axes[2].bar(x + (i - 2.5) * 0.13, [mean(d[(m, lam)]) for lam in PYTHIA_LAMS], 0.13, color=COLOR[m],
+                    yerr=[np.std(list(d[(m, lam)].values())) for lam in PYTHIA_LAMS], label=LABEL[m])
+    axes[2].set(title="ideal distance at step 200 (held out, mean and sd)", xticks=x,
+                xticklabels=[f"lam={v}" for v in PYTHIA_LAMS])
+    fig.tight_layout()
+    save_figure(fig, out / "xright_pythia_grid.png", dpi=110)
+    plt.close(fig)
+    held, claims = tradeoff_verdict(d, PYTHIA_LAMS, need=2)
+    finding = "mean ideal distance " + "; ".join(
+        f"lam={lam}: " + ", ".join(f"{LABEL[m]} {mean(d[(m, lam)]):.3f}" for m in METHODS) for lam in PYTHIA_LAMS)
+    return FigureResult(
+        ["xright_pythia_grid.png"],
+        "The Pythia grid's ends, lam 0.01 and 0.99 (experiments/sweeps/xright_pythia.yaml, added after the main set; "
+        "rule committed before its runs): held-out trajectories every 20 steps and the ideal distance at step 200; "
+        f"same protocol, rates and f* as the main set, seeds 1-3. {_runtime_text(data)}",
+        held, finding, {"claims": claims, "ideal_distance": {f"{m}@{lam}": v for (m, lam), v in d.items()}})
 
 if __name__ == "__main__":
     print(json.dumps(tuning(), indent=1))

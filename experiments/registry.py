@@ -14,9 +14,9 @@ table1 6 s, forgetting_toy 9 s, forgetting_tradeoff 13 s, forgetting_seq_bound 2
 508 s, datareg_sft (a sweep of 20 training runs, experiments/fig_datareg.py), datareg_case_study 86 s (with
 two sweeps running beside it; it needs the world's base model), the nine `hpt_*` figures, which
 share the HPT set's runs (experiments/fig_hpt.py: a sweep of 33 training runs and 22 pass@k evaluations,
-cached, so only the first of them pays), the four `xright_*` figures (experiments/fig_xright.py: a sweep
-of 66 training runs, cached) and xright_convex (168 s: 5120 gradients of the world's base; it reads
-xright_tradeoff's record).
+cached, so only the first of them pays), four `xright_*` figures (experiments/fig_xright.py: a sweep
+of 66 training runs, cached), xright_pythia_grid (a sweep of 42 runs, cached) and xright_convex
+(168 s: 5120 gradients of the world's base; it reads xright_tradeoff's record).
 
 Byte-stable output. `ptlab figures` run twice on one machine with the same library versions writes the same
 bytes. `run_figures` builds every figure under `deterministic()`: one numpy BLAS thread and one torch thread

@@ -49,6 +49,13 @@ def test_tradeoff_verdict():
     held, c = fx.tradeoff_verdict(_dist(alright=0.5, maxright_k10=0.4, mix=0.3))
     assert held == "partly" and not c["C_maxright_lowest_at_2_lams"]
     assert fx.tradeoff_verdict(_dist(alright=2.0, maxright_k10=2.0))[0] == "no"
+    # the Pythia grid: the same rule on its two lam, C at both
+    d = {(m, lam): {s: {"maxright_k10": 0.2, "alright": 0.5}.get(m, 1.0) for s in (1, 2, 3)} for m in fx.METHODS
+         for lam in fx.PYTHIA_LAMS}
+    assert fx.tradeoff_verdict(d, fx.PYTHIA_LAMS)[0] == "yes"
+    d[("maxright_k10", 0.99)] = {1: 0.9, 2: 0.9, 3: 0.9}
+    held, c = fx.tradeoff_verdict(d, fx.PYTHIA_LAMS)
+    assert held == "partly" and c["maxright_lowest_at"] == [0.01] and not c["C_maxright_lowest_at_2_lams"]
 
 
 def test_cost_tasks_and_k_verdicts():
@@ -67,7 +74,7 @@ def test_cost_tasks_and_k_verdicts():
     assert fx.k_verdict(rt, d) == ("partly", {"A_runtime_falls_with_k": True, "B_k1_closer_than_k200": False})
 
 
-def _synthetic() -> dict:
+def _synthetic(lams=LAMS) -> dict:
     rng = random.Random(0)
 
     def cell(seed):
@@ -77,7 +84,7 @@ def _synthetic() -> dict:
         rows += [{"step": t, fx.TASK["sft"]: rng.random(), fx.TASK["dpo"]: rng.random()} for t in (0, fx.STEPS)]
         return {"seed": seed, "rows": rows, "done": {"seconds": 60.0}}
 
-    by = {(m, lam): {s: cell(s) for s in (1, 2, 3)} for m in fx.METHODS for lam in LAMS}
+    by = {(m, lam): {s: cell(s) for s in (1, 2, 3)} for m in fx.METHODS for lam in lams}
     by.update({("maxright_k", k): {s: cell(s) for s in (1, 2, 3)} for k in fx.KS})
     cells = [c for v in by.values() for c in v.values()]
     return {"cells": cells, "ideal": {s: {"sft": 0.01, "dpo": 0.001} for s in (1, 2, 3)}, "by": by,
@@ -93,3 +100,14 @@ def test_every_figure_builds_from_synthetic_runs(tmp_path, monkeypatch, name):
     res = FIGURES[name].build(tmp_path)
     assert res.held in ("yes", "partly", "no") and res.finding
     assert all((tmp_path / f).stat().st_size > 0 for f in res.files)
+
+
+def test_pythia_grid_figure_builds_from_synthetic_runs(tmp_path, monkeypatch):
+    from experiments.registry import FIGURES
+
+    data = _synthetic(fx.PYTHIA_LAMS)
+    monkeypatch.setattr(fx, "collect", lambda path: data if path == fx.PYTHIA else None)
+    res = FIGURES["xright_pythia_grid"].build(tmp_path)
+    assert res.held in ("yes", "partly", "no") and "lam=0.99" in res.finding
+    assert set(res.extra["ideal_distance"]) == {f"{m}@{lam}" for m in fx.METHODS for lam in fx.PYTHIA_LAMS}
+    assert (tmp_path / "xright_pythia_grid.png").stat().st_size > 0

@@ -16,7 +16,7 @@ from tests.experiments.conftest import stub_build
 SLOW = {"projection_target_loss", "datareg_sft", "datareg_case_study", "datareg_rlvr",   # registry docstring
         "hpt_main_table", "hpt_exclusive", "hpt_passk", "hpt_heatmaps", "hpt_validation", "hpt_dynamics",
         "hpt_gate", "hpt_table5", "hpt_theory_practice",
-        "xright_tradeoff", "xright_cost", "xright_tasks", "xright_k", "xright_convex"}
+        "xright_tradeoff", "xright_cost", "xright_tasks", "xright_k", "xright_convex", "xright_pythia_grid"}
 PAPER_FIGS = Path(__file__).resolve().parents[2] / "paper_figs"
 
 
