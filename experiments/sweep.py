@@ -355,7 +355,9 @@ class _Running:
 
 
 def _cell_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
+    from toy.pretrain import pinned_kernel_env
+
+    env = pinned_kernel_env()   # the kernels the world's base and the recorded runs used (toy/pretrain.py)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
 

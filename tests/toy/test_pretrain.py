@@ -3,6 +3,7 @@ reloads unchanged; and (slow) the full recipe gives the ladder its roles (easy /
 
 import json
 import os
+import platform
 
 import pytest
 
@@ -80,3 +81,11 @@ def test_full_base_gives_every_rung_its_role():
     assert all(out[lv]["greedy"] >= 0.8 for lv in ROLES["easy"]), out
     assert all(0.1 <= out[lv]["avg@8"] <= 0.5 for lv in ROLES["middle"]), out
     assert all(out[lv]["all_fail"] > 0.9 for lv in ROLES["hard"]), out
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="kernels are pinned on x86-64")
+def test_the_base_trains_with_the_pinned_kernels_whatever_this_process_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    info = pretrain.train_base(tmp_path / "base", SMALL)
+    assert info["cpu_kernels"] == pretrain.CPU_KERNELS.upper()
+    assert pretrain.pinned_kernel_env({"A": "1"}) == {"A": "1", "ATEN_CPU_CAPABILITY": pretrain.CPU_KERNELS}
