@@ -16,7 +16,7 @@ two sweeps running beside it; it needs the world's base model), the nine `hpt_*`
 share the HPT set's runs (experiments/fig_hpt.py: a sweep of 33 training runs and 22 pass@k evaluations,
 cached, so only the first of them pays), four `xright_*` figures (experiments/fig_xright.py: a sweep
 of 66 training runs, cached), xright_pythia_grid (a sweep of 42 runs, cached) and xright_convex
-(168 s: 5120 gradients of the world's base; it reads xright_tradeoff's record).
+(168 s alone, 375 s beside a sweep: 5120 gradients of the world's base; it reads xright_tradeoff's record).
 
 Byte-stable output. `ptlab figures` run twice on one machine with the same library versions writes the same
 bytes. `run_figures` builds every figure under `deterministic()`: one numpy BLAS thread and one torch thread
