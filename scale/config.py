@@ -72,6 +72,7 @@ class GenerationConfig:
     top_k: int = 0                    # 0: no top-k cut (transformers' generate would default to 50)
     max_new_tokens: int = 256     # completion budget of rollouts and evaluation (TRL's max_completion_length)
     vllm_gpu_memory_utilization: float = 0.3   # vllm backend: share of GPU memory for vLLM
+    vllm_sleep: bool = True           # vllm backend: free vLLM's weights and KV cache while training
 
 
 @dataclass

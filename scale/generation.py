@@ -17,21 +17,24 @@ class Generator:
         (FSDP2: its sharded root); vLLM serves the rollouts of an on-policy method only (evaluation and
         off-policy methods sample with hf)."""
         self.cfg, self.tok, self.acc, self.model_fn, self.root_fn = cfg, tok, acc, model_fn, root_fn
-        self.vllm = _VllmGenerator(cfg) if cfg.generation.backend == "vllm" and rollouts else None
+        self.vllm = _VllmGenerator(cfg, acc) if cfg.generation.backend == "vllm" and rollouts else None
 
+    @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int = 0,
                  greedy: bool = False) -> list[list[int]]:
         """n completions per prompt (grouped), each cut after its first EOS (kept)."""
-        with gathered(self.root_fn() if self.root_fn else None, self.acc):
+        root = self.root_fn() if self.root_fn else None
+        g = self.cfg.generation
+        if self.vllm is not None and not greedy and (max_new_tokens or g.max_new_tokens) == g.max_new_tokens:
+            self.vllm.push(self.model_fn(), root, self.acc)   # parameter by parameter: no whole-model gather
+            return [self._cut(row) for row in self.vllm.generate(prompts, n)]
+        with gathered(root, self.acc):
             return self._generate(prompts, n, max_new_tokens, greedy)
 
-    @torch.no_grad()
     def _generate(self, prompts, n, max_new_tokens, greedy):
         g = self.cfg.generation
         max_new = max_new_tokens or g.max_new_tokens
         model = self.model_fn()
-        if self.vllm is not None and not greedy and max_new == g.max_new_tokens:
-            return self.vllm.generate(model, prompts, n)
         was_training = model.training
         model.eval()
         from scale.data import collate as pad
@@ -113,26 +116,63 @@ def _zero3_gathered(engine):
 
 
 class _VllmGenerator:
-    """Generation with vLLM where it is installed (weights pushed from the trainer before each batch).
+    """Colocated vLLM: one engine in every training process (data parallel; the settings of TRL's colocate mode
+    with tensor parallel 1), sharing the GPU with training.
 
-    Not testable on this CPU-only machine; the import is guarded and the weight push uses vLLM's
-    `load_weights` on the driver worker's model, which moves between vLLM versions.
+    Each rollout batch: wake the weights (sleep mode), push the current weights one parameter at a time
+    (`scale.vllm_sync.weight_stream`: gathered per parameter under FSDP2 / ZeRO-3, adapters merged under LoRA),
+    reset the prefix cache (its KV entries were computed with the old weights), wake the KV cache, sample with
+    the log-probability of each sampled token (`rollout_logprobs`, after temperature), and put vLLM back to sleep
+    (level 2: weights and KV cache freed) so that training gets the memory back.
+
+    Not run on this CPU-only machine (vLLM needs a GPU): the weight stream is tested on CPU processes against the
+    saved checkpoint; the calls into vLLM follow its LLM API as TRL 1.16 uses it. The trainer does not consume
+    `rollout_logprobs` yet (`method.rl.rollout_correction` is refused).
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, acc):
+        import os
+
         try:
             from vllm import LLM, SamplingParams
         except ImportError:
             raise ValueError("generation.backend: 'vllm' is not installed (pip install vllm), use 'hf'") from None
-        self.cfg, self.SamplingParams = cfg, SamplingParams
-        self.llm = LLM(model=cfg.model.path, gpu_memory_utilization=cfg.generation.vllm_gpu_memory_utilization,
-                       enable_prefix_caching=True)
+        g = cfg.generation
+        # the external launcher makes each process's engine join torch's process group through these variables
+        os.environ.update(RANK=str(acc.process_index), LOCAL_RANK=str(acc.local_process_index),
+                          WORLD_SIZE=str(acc.num_processes))
+        self.cfg, self.SamplingParams, self.sleep = cfg, SamplingParams, g.vllm_sleep
+        dtype = "bfloat16" if cfg.run.mixed_precision == "bf16" else cfg.model.dtype   # the compute dtype
+        self.llm = LLM(model=cfg.model.path, tensor_parallel_size=1, dtype=dtype,
+                       gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+                       max_model_len=cfg.data.max_length + g.max_new_tokens, enable_prefix_caching=True,
+                       enable_sleep_mode=self.sleep, distributed_executor_backend="external_launcher",
+                       seed=cfg.run.seed + acc.process_index,   # each rank samples its own completions
+                       logprobs_mode="processed_logprobs")      # log-probs after temperature, as sampled
+        if self.sleep:
+            self.llm.sleep(level=2)
+        self.rollout_logprobs: list[list[float]] = []
+        acc.wait_for_everyone()
 
-    def generate(self, model, prompts, n):
+    def push(self, model, root, acc) -> None:
+        from scale.vllm_sync import weight_stream
+
+        if self.sleep:
+            self.llm.wake_up(tags=["weights"])
+        target = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        for name, tensor in weight_stream(model, root, acc):   # every rank: the gathers are collective
+            target.load_weights([(name, tensor)])
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: list[list[int]], n: int) -> list[list[int]]:
         g = self.cfg.generation
-        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
-        runner.model.load_weights(model.state_dict().items())
+        if self.sleep:
+            self.llm.wake_up(tags=["kv_cache"])
         sp = self.SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k or -1,
-                                 max_tokens=g.max_new_tokens)
+                                 max_tokens=g.max_new_tokens, logprobs=0)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        return [list(o.token_ids) for out in outs for o in out.outputs]
+        if self.sleep:
+            self.llm.sleep(level=2)
+        done = [o for out in outs for o in out.outputs]
+        self.rollout_logprobs = [[step[t].logprob for t, step in zip(o.token_ids, o.logprobs)] for o in done]
+        return [list(o.token_ids) for o in done]
