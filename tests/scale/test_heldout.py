@@ -164,14 +164,21 @@ def test_two_processes_evaluate_every_prompt_once(world, tmp_path):
     import sys
     from pathlib import Path
 
+    from toy.tiny import save_tiny_model
+
     root = Path(__file__).resolve().parents[2]
+    # a reference other than the policy: with the policy as its own reference every step-0 margin is zero up to
+    # rounding, and the preference accuracy would count the signs of rounding errors (they differ between
+    # CPU kernel sets: this comparison failed on AVX-512 kernels with the policy as reference)
+    ref = save_tiny_model(tmp_path / "ref", seed=1, hidden_size=32, intermediate_size=64, max_positions=128)
     sets = json.dumps([{"name": "hgenerate", "path": str(world["test"])},
                        {"name": "hdpo", "path": str(world["dpo"]), "kind": "dpo", "limit": 6}])
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
 
     def run(out, nproc):
-        ov = base_overrides(world, "rl", "rl", out, **{"run.max_steps": 1, "run.cpu": True}) + [f"eval.sets={sets}"]
+        ov = base_overrides(world, "rl", "rl", out, **{"run.max_steps": 1, "run.cpu": True,
+                                                       "model.ref_path": str(ref)}) + [f"eval.sets={sets}"]
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
