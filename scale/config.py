@@ -61,6 +61,7 @@ class DataConfig:
     pref_limit: int = 0               # the same for pref_path
     pref_columns: dict[str, str] = field(default_factory=dict)   # the same for pref_path
     shuffle: bool = True          # shuffle the examples every epoch (seeded by run.seed)
+    cache_dir: str = ""               # token cache folder ("" = $PTLAB_DATA_CACHE or ~/.cache/ptlab/tokens)
 
 
 @dataclass
