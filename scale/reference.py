@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from scale.logprobs import policy_logps
 from scale.loss import collate
 
 
@@ -24,12 +25,12 @@ class Reference:
         for s in range(0, len(rows), B):
             chunk = rows[s:s + B]
             mb = collate(chunk, tr.tok.pad_token_id, tr.acc.device)
-            args = (mb["input_ids"], mb["attention_mask"], mb["score_mask"], temp, False)
+            kw = dict(temperature=temp, with_entropy=False)
             if self.model is None:
                 with tr._model().disable_adapter():
-                    lp, _ = tr.acc.unwrap_model(tr.policy)(*args)
+                    lp, _ = policy_logps(tr.acc.unwrap_model(tr.policy), mb, r.padding_free, **kw)
             else:
-                lp, _ = self.model(*args)
+                lp, _ = policy_logps(self.model, mb, r.padding_free, **kw)
             out += [lp[i, rw.prompt_len:len(rw.input_ids)].double().cpu() for i, rw in enumerate(chunk)]
         return out
 
