@@ -162,12 +162,17 @@ class Trainer:
         """run.padding_free: the model's hidden states on packed rows equal those of the rows alone (a model
         whose attention ignores the position ids would let rows attend to each other). Skipped where the
         weights are not all here yet (ZeRO-3 partitions, FSDP's meta-device loading)."""
+        impl = getattr(model.config, "_attn_implementation", None)
+        if not str(impl).startswith("flash") and self.cfg.run.padding_free and _is_main():
+            print(f"ptlab train: note: run.padding_free with attention {impl!r} builds a block-diagonal mask over "
+                  "each packed micro-batch, so attention costs grow with the square of its total tokens (on CPU "
+                  "it measured slower than run.group_by_length: README, 'Padding'); flash-attention runs each "
+                  "row on its own", file=sys.stderr, flush=True)
         if self._zero3() or any(p.device.type == "meta" for p in model.parameters()):
             return
         err = packing_error(model)
         tol = 1e-2 if self._dtype() in (torch.bfloat16, torch.float16) else 1e-4
         if not err <= tol:
-            impl = getattr(model.config, "_attn_implementation", None)
             raise ValueError(f"run.padding_free: {type(model).__name__} (attention {impl!r}) does not keep packed "
                              f"rows apart: hidden states differ from unpacked ones by {err:.3g} (relative); use "
                              "run.group_by_length instead")
@@ -468,6 +473,13 @@ class Trainer:
     def save_model(self, path: Path):
         """The final model as a Hugging Face folder (an adapter under LoRA), written then renamed."""
         ckpt.save_final(self.acc, self.policy, self._model(), self.tok, path)
+
+
+def _is_main() -> bool:
+    """Rank 0 of a launch (or a single process), before accelerate is set up."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def check_engine(acc, cfg) -> None:

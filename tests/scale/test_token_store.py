@@ -240,3 +240,15 @@ def test_precomputed_reference_logps_are_kept(tmp_path, tok, cache):
     data.set_ref_logps(1, -3.25, -4.5)
     assert (data[1]["ref_chosen_logp"], data[1]["ref_rejected_logp"]) == (-3.25, -4.5)
     assert "ref_chosen_logp" not in data[0]
+
+
+def test_same_rows_as_the_former_list_implementation(tmp_path, tok, cache):
+    """The benchmark's copy of the former prepare_data (Python lists) and the mapped storage agree row for row."""
+    from experiments.bench_data_memory import _old_prepare, write_data
+
+    write_data(tmp_path / "d.jsonl", 40, seed=1)
+    cfg = _cfg(path=str(tmp_path / "d.jsonl"), max_length=200)
+    old = _old_prepare(cfg.data.path, cfg, tok, 128)
+    new = prepare_data(cfg.data.path, cfg, tok, "sft", 128)
+    assert any(len(e["completion"]["input_ids"]) == 128 for e in old)   # some truncated at the context
+    assert [new[i] for i in range(len(new))] == old
