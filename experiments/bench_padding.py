@@ -18,7 +18,9 @@ length distributions are printed with the results.
 
 With --time, the same for wall time: `Trainer.update` (forward + backward + AdamW) of one SFT step on a
 randomly initialised Qwen2 (hidden 256, 4 layers, float32, one thread), each mode in turn, interleaved over
-several rounds; the median per mode is printed.
+several rounds; the median per mode is printed. Packed micro-batches are timed twice: with sdpa under
+transformers' block-diagonal mask ("packed, sdpa mask"), and with the per-row attention the trainer switches an
+sdpa model to under run.padding_free (`scale.logprobs.use_packed_attention`).
 """
 
 import os
@@ -38,6 +40,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 MODES = ("plain", "grouped", "packed", "grouped+packed")
+TIMED = ("plain", "grouped", "packed, sdpa mask", "packed", "grouped+packed")
 
 
 @functools.lru_cache(maxsize=8)
@@ -119,6 +122,7 @@ def timing(tmp: Path, rounds: int, seed: int) -> dict[str, float]:
     import torch
 
     from scale.config import load_config
+    from scale.logprobs import use_packed_attention
     from scale.train import Trainer
     from toy.tiny import make_model, make_tokenizer
 
@@ -133,12 +137,14 @@ def timing(tmp: Path, rounds: int, seed: int) -> dict[str, float]:
                              f"run.output_dir={tmp / 'out'}", "data.max_length=8704", f"run.seed={seed}",
                              "run.save_model=false", "run.tensorboard=false"])
     tr = Trainer(cfg)
-    times = {m: [] for m in MODES}
+    model = tr._model()
+    times = {m: [] for m in TIMED}
     for r in range(rounds):
         rows = tr.method.rows(tr, r, {})
-        for mode in MODES:
+        for mode in TIMED:
             tr.cfg.run.group_by_length = "grouped" in mode
             tr.cfg.run.padding_free = "packed" in mode
+            use_packed_attention(model) if "mask" not in mode else model.set_attn_implementation("sdpa")
             t0 = time.perf_counter()
             tr.update(rows)
             times[mode].append(time.perf_counter() - t0)
@@ -165,8 +171,8 @@ def main() -> None:
         if args.time:
             t = timing(tmp, args.rounds, args.seed)
             print(f"SFT update, hidden 256 x 4 layers, 32 rows in 4 micro-batches, median of {args.rounds} rounds:")
-            for mode in MODES:
-                print(f"  {mode:15s} {t[mode]:7.3f} s  vs plain {t[mode] / t['plain']:6.3f}")
+            for mode in TIMED:
+                print(f"  {mode:17s} {t[mode]:7.3f} s  vs plain {t[mode] / t['plain']:6.3f}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from scale.checks import check_model_path, check_output_dir, loaded
 from scale.config import Config, load_config
 from scale.data import prepare_data
 from scale.generation import Generator
-from scale.logprobs import Policy, packing_error, policy_logps
+from scale.logprobs import PACKED_ATTENTION, Policy, packing_error, policy_logps, use_packed_attention
 from scale.loss import Row, collate, local_counts, micro_loss, split_rows
 from scale.methods import get_method
 from scale.reference import Reference
@@ -156,14 +156,17 @@ class Trainer:
     def _load_model(self, path, key="model.path"):
         from transformers import AutoModelForCausalLM
 
-        return loaded("the model", path, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=self._dtype()), key)
+        model = loaded("the model", path, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=self._dtype()), key)
+        if self.cfg.run.padding_free:   # packed rows attend one example at a time (scale.logprobs)
+            use_packed_attention(model)
+        return model
 
     def _check_packing(self, model) -> None:
         """run.padding_free: the model's hidden states on packed rows equal those of the rows alone (a model
         whose attention ignores the position ids would let rows attend to each other). Skipped where the
         weights are not all here yet (ZeRO-3 partitions, FSDP's meta-device loading)."""
         impl = getattr(model.config, "_attn_implementation", None)
-        if not str(impl).startswith("flash") and self.cfg.run.padding_free and _is_main():
+        if not str(impl).startswith("flash") and impl != PACKED_ATTENTION and _is_main():
             print(f"ptlab train: note: run.padding_free with attention {impl!r} builds a block-diagonal mask over "
                   "each packed micro-batch, so attention costs grow with the square of its total tokens (on CPU "
                   "it measured slower than run.group_by_length: README, 'Padding'); flash-attention runs each "

@@ -47,10 +47,16 @@ def _run(tr, cases, modes):
     return out
 
 
-def test_grouped_and_packed_steps_equal_the_padded_one(world, tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "per_row"])
+def test_grouped_and_packed_steps_equal_the_padded_one(world, tmp_path, attention):
+    """attention sdpa: packed rows under transformers' block-diagonal mask (the trainer built without
+    run.padding_free, then switched); per_row: built with it, so the model attends one packed example at a
+    time (scale.logprobs.use_packed_attention)."""
     ref_tr = _trainer(world, 1, tmp_path / "a")
     ref = _run(ref_tr, _cases(ref_tr), ["plain"])
-    tr = _trainer(world, 3, tmp_path / "b")
+    tr = _trainer(world, 3, tmp_path / "b", **({"run.padding_free": True} if attention == "per_row" else {}))
+    want = "ptlab_packed" if attention == "per_row" else "sdpa"
+    assert tr._model().config._attn_implementation == want
     got = _run(tr, _cases(tr), list(MODES))
     names = {k[0] for k in ref}
     assert len(names) == 7
@@ -65,14 +71,15 @@ def test_grouped_and_packed_steps_equal_the_padded_one(world, tmp_path):
             assert err <= 1e-12 * max(1.0, scale), (name, mode, err, scale)
 
 
-def test_controls_the_comparison_can_fail(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("attention", ["sdpa", "per_row"])
+def test_controls_the_comparison_can_fail(world, tmp_path, monkeypatch, attention):
     """Packed rows whose positions run on (no restart) attend across rows: the gradient moves. A per-micro-
     batch token mean (bnpo, not converted to a global count) changes when grouping regroups the rows."""
     import scale.logprobs as L
     from scale.loss import Terms
     from theory.estimator import preset
 
-    tr = _trainer(world, 3, tmp_path / "c")
+    tr = _trainer(world, 3, tmp_path / "c", **({"run.padding_free": True} if attention == "per_row" else {}))
     name, units, terms, extra = _cases(tr)[2]   # grpo
     base = _run(tr, [(name, units, terms, extra)], ["plain"])[(name, "plain")][1]
     real_pack = L.pack
@@ -111,7 +118,7 @@ def test_grouping_sorts_by_length_and_keeps_pairs():
 def test_pack_unpack_and_the_packing_probe(world):
     from transformers import AutoModelForCausalLM
 
-    from scale.logprobs import pack, packing_error, unpack
+    from scale.logprobs import pack, packing_error, unpack, use_packed_attention
 
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
     att = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
@@ -122,8 +129,26 @@ def test_pack_unpack_and_the_packing_probe(world):
     assert unpack(p["input_ids"], p["mask"]).tolist() == (ids * att).tolist()
     with pytest.raises(ValueError, match="right-padded"):
         pack({"input_ids": ids, "attention_mask": att.flip(1), "score_mask": score})
-    for impl in ("sdpa", "eager"):
-        model = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float64, attn_implementation=impl)
+    for impl in ("sdpa", "eager", "per_row"):
+        model = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float64,
+                                                     attn_implementation="sdpa" if impl == "per_row" else impl)
+        if impl == "per_row":
+            assert use_packed_attention(model) and model.config._attn_implementation == "ptlab_packed"
+            # a left-padded batch (generation) and a cached decode go to sdpa with their mask, unchanged
+            plain = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float64)
+            lp_ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+            lp_att = torch.tensor([[0, 0, 1, 1, 1], [1] * 5])
+            for m in (model, plain):
+                m.eval()
+            a = model(input_ids=lp_ids, attention_mask=lp_att).logits
+            b = plain(input_ids=lp_ids, attention_mask=lp_att).logits
+            assert float((a - b)[lp_att.bool()].abs().max()) < 1e-12
+            gen = [m.generate(input_ids=lp_ids, attention_mask=lp_att, max_new_tokens=4, do_sample=False,
+                              output_scores=True, return_dict_in_generate=True) for m in (model, plain)]
+            assert torch.equal(gen[0].sequences, gen[1].sequences)
+            assert max(float((x - y).abs().max()) for x, y in zip(gen[0].scores, gen[1].scores)) < 1e-12
+        elif impl == "eager":
+            assert not use_packed_attention(model)   # only sdpa models are switched
         assert packing_error(model) < 1e-12
 
         class Blind(torch.nn.Module):   # a decoder that ignores position ids: packed rows see each other
@@ -155,10 +180,12 @@ def test_keys_are_validated(world, tmp_path, monkeypatch):
         _trainer(world, 1, tmp_path / "d", **{"run.padding_free": True})
 
 
-def test_forward_only_paths_equal_padded(world, tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "per_row"])
+def test_forward_only_paths_equal_padded(world, tmp_path, attention):
     """The reference model's and the old policy's token log-probs (DPO reference, PPO ratios) packed and grouped
     equal the padded ones."""
-    tr = _trainer(world, 2, tmp_path / "e")
+    tr = _trainer(world, 2, tmp_path / "e", **({"run.padding_free": True} if attention == "per_row" else {}))
+    tr.cfg.run.padding_free = False
     _, units, _, _ = _cases(tr)[0]
     rows = [row for u in units for row in u]
     want = torch.cat(tr.reference.token_logps(rows))
