@@ -61,6 +61,7 @@ class DataConfig:
     pref_limit: int = 0               # the same for pref_path
     pref_columns: dict[str, str] = field(default_factory=dict)   # the same for pref_path
     shuffle: bool = True          # shuffle the examples every epoch (seeded by run.seed)
+    cache_dir: str = ""               # token cache folder ("" = $PTLAB_DATA_CACHE or ~/.cache/ptlab/tokens)
 
 
 @dataclass
@@ -163,6 +164,10 @@ class RunConfig:
     #                                   (5 x V x 4 with an entropy bonus; README, "The log-prob head")
     entropy_every: int = 1            # compute and log the token entropy every k steps (an entropy bonus:
     #                                   every step); k > 1 saves the head that work on the other steps
+    group_by_length: bool = False     # sort a step's rows by length before splitting them into micro-batches
+    #                                   (less padding; the same loss and gradient: losses use global counts)
+    padding_free: bool = False        # each micro-batch as one packed row, position ids restarting per example
+    #                                   (no pad tokens at all; needs a model whose attention follows position ids)
     save_every: int = 100             # checkpoint every k steps (0: only at the end and on SIGTERM / SIGINT)
     resume: bool | str = False        # false: a new run | true: continue from the newest checkpoint | auto: either
     overwrite: bool = False           # a new run may replace another run's files in output_dir (removed first)
@@ -447,6 +452,11 @@ class Config:
         if self.model.lora.enabled and not self.model.lora.target_modules:
             raise ValueError("model.lora.target_modules: LoRA needs at least one module name")
         _validate_datareg(self)
+        if self.datareg.update_rule != "full":
+            for key in ("group_by_length", "padding_free"):
+                if getattr(r, key):
+                    raise ValueError(f"run.{key}: not available with datareg.update_rule={self.datareg.update_rule}, "
+                                     "which scores and selects samples within each micro-batch with its own forward")
         self.eval.validate()
         return self
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 from pathlib import Path
+
+import numpy as np
 
 IGNORE = -100
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -258,27 +261,40 @@ def to_prompt_completion(ds, tokenizer):
     return ds
 
 
+def _prompt_limit(max_length: int, max_prompt_length: int | None) -> int:
+    if max_length < 2:
+        raise ValueError(f"max_length: expected >= 2, got {max_length}")
+    return min(max_prompt_length or max_length - 1, max_length - 1)
+
+
+def _check_prompt(i: int, n: int, limit: int, max_length: int, max_prompt_length: int | None) -> None:
+    if n > limit:
+        raise ValueError(f"example {i}: prompt has {n} tokens, more than the limit {limit} "
+                         f"(max_prompt_length={max_prompt_length}, max_length={max_length})")
+
+
+def _completion(p: list[int], c: list[int], eos: int | None, max_length: int, add_eos: bool) -> list[int]:
+    """The completion ids kept after prompt `p`: an eos appended when missing, then cut to fit max_length."""
+    if add_eos and eos is not None and (not c or c[-1] != eos):
+        c = c + [eos]
+    return c[: max_length - len(p)]
+
+
 def tokenize_pairs(prompts: list[str], completions: list[str], tokenizer, max_length: int,
                    max_prompt_length: int | None = None, add_eos: bool = True) -> list[dict]:
     """Tokenise prompt/completion pairs: one dict per pair with input_ids, labels (IGNORE on the prompt)
     and prompt_len. A prompt longer than `max_prompt_length`, or leaving no room for a completion token in
-    `max_length`, raises ValueError naming the example index; a long completion is truncated."""
+    `max_length`, raises ValueError naming the example index; a long completion is truncated.
+    (`prepare_data` applies the same rules a chunk at a time and stores the result in flat arrays.)"""
     if len(prompts) != len(completions):
         raise ValueError(f"prompts and completions: expected equal lengths, got {len(prompts)} and {len(completions)}")
-    if max_length < 2:
-        raise ValueError(f"max_length: expected >= 2, got {max_length}")
-    limit = min(max_prompt_length or max_length - 1, max_length - 1)
+    limit = _prompt_limit(max_length, max_prompt_length)
     p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
     out = []
     for i, (p, c) in enumerate(zip(p_ids, c_ids)):
-        if len(p) > limit:
-            raise ValueError(f"example {i}: prompt has {len(p)} tokens, more than the limit {limit} "
-                             f"(max_prompt_length={max_prompt_length}, max_length={max_length})")
-        if add_eos and eos is not None and (not c or c[-1] != eos):
-            c = c + [eos]
-        c = c[: max_length - len(p)]
+        _check_prompt(i, len(p), limit, max_length, max_prompt_length)
+        c = _completion(p, c, tokenizer.eos_token_id, max_length, add_eos)
         out.append({"input_ids": p + c, "labels": [IGNORE] * len(p) + c, "prompt_len": len(p)})
     return out
 
@@ -302,9 +318,11 @@ def collate(rows: list[dict], pad_id: int, left: bool = False) -> dict:
 
 
 def _dotted(ex: dict, key: str):
+    from collections.abc import Mapping
+
     v = ex
-    for part in key.split("."):
-        if not isinstance(v, dict) or part not in v:
+    for part in key.split("."):   # Mapping: datasets' map passes rows as LazyRow, not dict
+        if not isinstance(v, Mapping) or part not in v:
             raise ValueError(f"data.columns: source column {key!r} not found in the data")
         v = v[part]
     return v
@@ -312,27 +330,58 @@ def _dotted(ex: dict, key: str):
 
 def prepare_data(path: str, cfg, tokenizer, kind: str, context: int, limit: int | None = None,
                  columns: dict | None = None, keep: tuple[str, ...] = (), max_new_tokens: int = 0,
-                 who: str | None = None, other_columns: bool = False) -> list[dict]:
+                 who: str | None = None, other_columns: bool = False):
     """Load, map columns, check columns (of data kind `kind`, for `who`) / emptiness / lengths, tokenise.
-    Returns one dict per example (with the columns named in `keep` copied where present, e.g. an
-    evaluation set's id and level). With `max_new_tokens` > 0 (data that is sampled from), every prompt
-    plus that many new tokens must fit the model's context. With `other_columns`, each example also has
-    "columns": the data's columns other than `OWN_COLUMNS`, as they are (what reward functions get, as in TRL)."""
+    Returns a `scale.token_store.TokenData`: a sequence of examples, each a dict with the columns named in
+    `keep` copied where present (e.g. an evaluation set's id and level), the formatted prompt, the answer,
+    prompt_ids and, per completion column of the kind, {input_ids, labels, prompt_len}. With `max_new_tokens`
+    > 0 (data that is sampled from), every prompt plus that many new tokens must fit the model's context.
+    With `other_columns`, each example also has "columns": the data's columns other than `OWN_COLUMNS`, as
+    they are (what reward functions get, as in TRL).
+
+    The token ids live in flat arrays in a cache folder (`data.cache_dir`), built by the first process that
+    needs them and memory-mapped by all (scale/token_store.py); a cache whose key (data file, tokenizer,
+    these settings) does not match is rebuilt."""
+    from scale import token_store
+
+    d = cfg.data
+    columns = d.columns if columns is None else columns
+    limit = d.limit if limit is None else limit
+    max_len = min(d.max_length, context)
+    settings = dict(split=d.split, columns=dict(columns or {}), limit=limit, kind=kind, keep=list(keep),
+                    other_columns=other_columns, prompt_template=d.prompt_template, chat_template=d.chat_template,
+                    max_prompt_length=d.max_prompt_length, max_length=max_len)
+    if not Path(path).exists():
+        load_data(path)   # names the missing path (and the Hub hint)
+    key = token_store.cache_key(path, tokenizer, **settings)
+    data = token_store.load_or_build(
+        key, lambda folder: _build(folder, path, cfg, tokenizer, kind, columns, limit, max_len, keep,
+                                   other_columns, who), d.cache_dir or None)
+    if max_new_tokens:
+        over = np.flatnonzero(data.prompt_lengths() + max_new_tokens > context)
+        if over.size:
+            i = int(over[0])
+            raise ValueError(f"data: {path}: example {i}: prompt has {int(data.prompt_lengths()[i])} tokens; with "
+                             f"max_new_tokens={max_new_tokens} it exceeds the context of {context} tokens")
+    return data
+
+
+def _build(folder: Path, path: str, cfg, tokenizer, kind: str, columns: dict, limit: int, max_len: int,
+           keep: tuple[str, ...], other_columns: bool, who: str | None) -> dict:
+    """Write the token cache of one data set into `folder` (scale/token_store.py), CHUNK_ROWS rows at a time,
+    with the rules of `tokenize_pairs`; returns the meta fields."""
     d = cfg.data
     ds = load_data(path, d.split if d.split else None)
-    columns = d.columns if columns is None else columns
     if columns:
         first = ds[0]
         for src in columns.values():
             _dotted(first, src)
         ds = ds.map(lambda ex: {dst: _dotted(ex, src) for dst, src in columns.items()})
-    limit = d.limit if limit is None else limit
     if limit:
         ds = ds.select(range(min(limit, len(ds))))
     require_columns(ds, kind, source=str(path), who=who)
     check_text_columns(ds, str(path))
     ds = to_prompt_completion(ds, tokenizer)
-    rows = ds.to_list()
 
     def fmt(p):
         if d.chat_template:
@@ -340,30 +389,53 @@ def prepare_data(path: str, cfg, tokenizer, kind: str, context: int, limit: int 
                                                  add_generation_prompt=True)
         return d.prompt_template.format(prompt=p)
 
-    prompts = [fmt(r["prompt"]) for r in rows]
-    max_len = min(d.max_length, context)
-    out = [{"prompt": p, "answer": str(r.get("answer", "")), **{k: r[k] for k in keep if r.get(k) is not None}}
-           for p, r in zip(prompts, rows)]
-    if other_columns:
-        for o, r in zip(out, rows):
-            o["columns"] = {k: v for k, v in r.items() if k not in OWN_COLUMNS}
-    cols = COMPLETION_COLUMNS[kind]
     try:
-        if not cols:
-            p_ids = tokenize_pairs(prompts, [""] * len(prompts), tokenizer, max_len, d.max_prompt_length, add_eos=False)
-        for c in cols:
-            toks = tokenize_pairs(prompts, [str(r[c]) for r in rows], tokenizer, max_len, d.max_prompt_length)
-            for o, t in zip(out, toks):
-                o[c] = t
-            p_ids = toks
-    except ValueError as e:
+        return _write_tokens(folder, ds, fmt, tokenizer, kind, max_len, d.max_prompt_length, keep, other_columns)
+    except ValueError as e:   # a prompt too long for the limits: named with the file
         raise ValueError(f"data: {path}: {e}") from None
-    for i, (o, t) in enumerate(zip(out, p_ids)):
-        o["prompt_ids"] = t["input_ids"][: t["prompt_len"]]
-        if max_new_tokens and len(o["prompt_ids"]) + max_new_tokens > context:
-            raise ValueError(f"data: {path}: example {i}: prompt has {len(o['prompt_ids'])} tokens; with "
-                             f"max_new_tokens={max_new_tokens} it exceeds the context of {context} tokens")
-        for k in ("ref_chosen_logp", "ref_rejected_logp"):
-            if k in rows[i]:
-                o[k] = float(rows[i][k])
-    return out
+
+
+def _write_tokens(folder: Path, ds, fmt, tokenizer, kind: str, max_len: int, max_prompt_length: int | None,
+                  keep: tuple[str, ...], other_columns: bool) -> dict:
+    from scale.token_store import CHUNK_ROWS, ArrayWriter, write_array
+
+    cols = COMPLETION_COLUMNS[kind]
+    p_limit = _prompt_limit(max_len, max_prompt_length)
+    eos = tokenizer.eos_token_id
+    extra = bool(keep) or other_columns
+    names = [("prompt_tok", np.int32), *[(f"{c}_tok", np.int32) for c in cols], ("prompt_txt", np.uint8),
+             ("answer_txt", np.uint8)] + ([("extra_pkl", np.uint8)] if extra else [])
+    w = {name: ArrayWriter(folder, name, dt) for name, dt in names}
+    ref_cols = ("ref_chosen_logp", "ref_rejected_logp")
+    has_ref = [k in ds.column_names for k in ref_cols]
+    ref = np.full((len(ds), 2), np.nan)
+    for s in range(0, len(ds), CHUNK_ROWS):
+        batch = ds[s:s + CHUNK_ROWS]
+        rows = [dict(zip(batch, v)) for v in zip(*batch.values())]
+        prompts = [fmt(r["prompt"]) for r in rows]
+        p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        for i, p in enumerate(p_ids):
+            _check_prompt(s + i, len(p), p_limit, max_len, max_prompt_length)
+        for c in cols:
+            c_ids = tokenizer([str(r[c]) for r in rows], add_special_tokens=False)["input_ids"]
+            for p, ci in zip(p_ids, c_ids):
+                w[f"{c}_tok"].add(_completion(p, ci, eos, max_len, True))
+        for i, (r, p, text) in enumerate(zip(rows, p_ids, prompts)):
+            w["prompt_tok"].add(p)
+            w["prompt_txt"].add(text.encode("utf-8"))
+            w["answer_txt"].add(str(r.get("answer", "")).encode("utf-8"))
+            if extra:
+                e = {k: r[k] for k in keep if r.get(k) is not None}
+                if other_columns:
+                    e["columns"] = {k: v for k, v in r.items() if k not in OWN_COLUMNS}
+                w["extra_pkl"].add(pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL))
+            for j, k in enumerate(ref_cols):
+                if has_ref[j]:
+                    ref[s + i, j] = float(r[k])
+        del batch, rows, prompts, p_ids
+    arrays = {}
+    for wr in w.values():
+        arrays.update(wr.close())
+    arrays.update(write_array(folder, "ref_logp", ref))
+    return {"n": len(ds), "cols": list(cols), "keep": list(keep), "extra": extra, "ref_columns": has_ref,
+            "arrays": arrays}

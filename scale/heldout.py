@@ -31,6 +31,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from scale.logprobs import policy_logps
 from scale.loss import Row, collate
 from scale.methods.dpo import pair_rows
 
@@ -161,8 +162,7 @@ class HeldOut:
         for lo in range(0, len(rows), B):
             chunk = rows[lo:lo + B]
             mb = collate(chunk, t.tok.pad_token_id, t.acc.device)
-            lp, _ = t.acc.unwrap_model(t.policy)(mb["input_ids"], mb["attention_mask"], mb["score_mask"],
-                                                 with_entropy=False)
+            lp, _ = policy_logps(t.acc.unwrap_model(t.policy), mb, t.cfg.run.padding_free, with_entropy=False)
             out += [(float(lp[i].double().sum()), rw.n_scored) for i, rw in enumerate(chunk)]
         return out
 

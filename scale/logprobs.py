@@ -22,12 +22,27 @@ The entropy is computed only when asked (`with_entropy`): the trainer asks on th
 With `entropy_grad=False` it is a statistic computed without building its graph (the values are the same;
 only the backward differs).
 
+Padding-free batches (`run.padding_free`, `policy_logps`): the rows of a right-padded micro-batch are
+concatenated into one row of their real tokens ([1, S], S = the sum of the lengths), with position ids that
+restart at 0 for each row and no attention mask. transformers (5.x) then builds a block-diagonal causal mask
+from the position ids for eager / sdpa attention (masking_utils.find_packed_sequence_indices) and runs
+variable-length kernels for flash-attention, so each row attends to itself only and every hidden state equals
+the padded one up to rounding. The head scores the same positions (a row's first token is never scored, so no
+position is predicted across a row boundary), and the results are scattered back to the padded [B, T] layout
+the loss uses. `packing_error` checks a model does this before a run relies on it. The block-diagonal mask
+is [S, S] and sdpa then attends over all S positions, so on CPU the trainer switches an sdpa model to
+`_packed_attention` (`use_packed_attention`), which runs sdpa's causal kernel on each packed example in turn:
+the same values, attention costing the sum of the rows' squared lengths, and padded batches (generation)
+passed to sdpa unchanged.
+
 Shapes: input_ids, attention_mask, score_mask [B, T]. score_mask[i, t] is True when token t of row i
 is scored given tokens < t (so score_mask[:, 0] must be False). Returns logp [B, T] and entropy [B, T] or
 None, with 0 where score_mask is False.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -143,19 +158,135 @@ class Policy(nn.Module):
         return self.model.tie_weights(*args, **kwargs)
 
     def forward(self, input_ids, attention_mask, score_mask, temperature: float = 1.0, with_entropy: bool = True,
-                entropy_grad: bool = True):
-        return selected_logprobs(self.hidden(input_ids, attention_mask), self.model.get_output_embeddings(),
-                                 input_ids, score_mask, temperature=temperature, chunk=self.chunk,
-                                 memory_mb=self.memory_mb, with_entropy=with_entropy, entropy_grad=entropy_grad)
+                entropy_grad: bool = True, position_ids=None):
+        return selected_logprobs(self.hidden(input_ids, attention_mask, position_ids),
+                                 self.model.get_output_embeddings(), input_ids, score_mask, temperature=temperature,
+                                 chunk=self.chunk, memory_mb=self.memory_mb, with_entropy=with_entropy,
+                                 entropy_grad=entropy_grad)
 
-    def hidden(self, input_ids, attention_mask) -> torch.Tensor:
-        """The decoder's last hidden states [B, T, H] (the head is applied by ``selected_logprobs``)."""
-        if is_right_padded(attention_mask):
+    def hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        """The decoder's last hidden states [B, T, H] (the head is applied by ``selected_logprobs``). With
+        `position_ids` (a packed row, module doc) there is no attention mask: the positions delimit the rows."""
+        if position_ids is not None or is_right_padded(attention_mask):
             # Causal attention: a token never sees the pads after it, and pads are never scored, so the mask
             # changes nothing that is returned; without it attention takes its causal path (no mask built).
             attention_mask = None
-        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                         use_cache=False).last_hidden_state
+
+
+def pack(mb: dict) -> dict:
+    """A right-padded micro-batch (input_ids, attention_mask, score_mask [B, T]) as one packed row [1, S]:
+    the real tokens row after row, position ids restarting at 0 per row, and the score mask."""
+    att = mb["attention_mask"].bool()
+    if not is_right_padded(att):
+        raise ValueError("pack: the micro-batch is not right-padded")
+    pos = torch.arange(att.shape[1], device=att.device).expand_as(att)
+    return {"input_ids": mb["input_ids"][att][None], "position_ids": pos[att][None],
+            "score_mask": mb["score_mask"][att][None], "mask": att}
+
+
+def unpack(x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+    """Values of a packed row [1, S] back in the padded layout [B, T] of mask `att` (0 on the padding)."""
+    return x.new_zeros(att.shape).masked_scatter(att, x[0])
+
+
+def policy_logps(model, mb: dict, padding_free: bool = False, **kw):
+    """(logp, entropy or None) [B, T] of a collated micro-batch under `model` (a `Policy`, or the prepared
+    module wrapping one), computed on the padded batch or, with `padding_free`, on its packed row (module doc)."""
+    if not padding_free:
+        return model(mb["input_ids"], mb["attention_mask"], mb["score_mask"], **kw)
+    p = pack(mb)
+    lp, ent = model(p["input_ids"], None, p["score_mask"], position_ids=p["position_ids"], **kw)
+    return unpack(lp, p["mask"]), (unpack(ent, p["mask"]) if ent is not None else None)
+
+
+PACKED_ATTENTION = "ptlab_packed"
+
+
+_last_segments: tuple = (None, None)   # (weak reference to a position_ids tensor, its segments)
+
+
+def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each row of a packed row [1, S]: a new row wherever the position does not go up by 1.
+    Every layer gets the same position_ids tensor: the segments are read once per forward (on a GPU, one sync)."""
+    global _last_segments
+    ref, seg = _last_segments
+    if ref is not None and ref() is position_ids:
+        return seg
+    pos = position_ids[0]
+    starts = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten().add(1).tolist()
+    bounds = [0, *starts, pos.shape[0]]
+    seg = list(zip(bounds[:-1], bounds[1:]))
+    _last_segments = (weakref.ref(position_ids), seg)
+    return seg
+
+
+def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
+                      **kw):
+    """sdpa, but a packed row (batch 1, no mask, position ids restarting: module doc) attends one example at a
+    time, each with sdpa's causal kernel, as its padded row would: no [S, S] mask, and attention costs the sum of
+    the rows' squared lengths instead of the square of their total. Anything else goes to sdpa unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (attention_mask is None and position_ids is not None and query.shape[0] == 1
+            and query.shape[2] == key.shape[2] == position_ids.shape[-1]):
+        parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                        dropout=dropout, scaling=scaling, **kw)[0]
+                 for a, b in _segments(position_ids)]
+        return torch.cat(parts, 1), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+
+
+def _packed_mask(*args, attention_mask=None, **kw):
+    """sdpa's mask, except none at all where there is no padding mask: a packed row (its rows are separated by
+    `_packed_attention`) or a plain causal batch (sdpa's causal kernel)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kw)
+
+
+def use_packed_attention(model: nn.Module) -> bool:
+    """Switch a model with sdpa attention and only full causal layers to `_packed_attention` (registered with
+    transformers as PACKED_ATTENTION): the same values, per-row attention on packed rows. Returns whether it did;
+    other models keep their attention (a sliding window, for one, is not reproduced per row here)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    cfg = model.config
+    if getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return False
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ["full_attention"])):
+        return False
+    if getattr(cfg, "use_sliding_window", False) or not getattr(cfg, "is_causal", True):
+        return False
+    AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return True
+
+
+@torch.no_grad()
+def packing_error(model: nn.Module) -> float:
+    """How far a model's hidden states on two rows packed into one (position ids restarting, no mask) are
+    from those of each row alone: max |difference| / max |value|. Near rounding when the attention follows the
+    position ids; of order 1 when the second row attends to the first."""
+    dec = model.get_decoder()
+    p = next(dec.parameters())
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, vocab, (1, n), generator=g).to(p.device) for n in (7, 5))
+    was = dec.training
+    dec.eval()
+    try:
+        pos = torch.cat([torch.arange(7), torch.arange(5)])[None].to(p.device)
+        packed = dec(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).last_hidden_state
+        alone = torch.cat([dec(input_ids=x, use_cache=False).last_hidden_state for x in (a, b)], 1)
+    finally:
+        dec.train(was)
+    return float((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-30))
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:

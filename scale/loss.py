@@ -209,14 +209,21 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor | None, mb: dict, terms
     return loss, stats
 
 
-def split_rows(rows: list[Row], k: int) -> list[list[Row]]:
+def split_rows(rows: list[Row], k: int, by_length: bool = False) -> list[list[Row]]:
     """k contiguous micro-batches of near-equal size; DPO pairs stay together; an empty one gets a dummy
-    row with nothing scored (so every process runs the same number of backward passes)."""
+    row with nothing scored (so every process runs the same number of backward passes).
+
+    `by_length` (run.group_by_length): the rows (pairs as one unit, by their longer row) are first sorted by
+    length, longest first (ties keep their order), so each micro-batch holds rows of similar length and pads
+    less. Every loss term is normalised by counts over the whole step (module doc), so the sum over
+    micro-batches, and its gradient, do not depend on which rows share a micro-batch."""
     units, i = [], 0
     while i < len(rows):
         step = 2 if rows[i].kind == "chosen" else 1
         units.append(rows[i:i + step])
         i += step
+    if by_length:
+        units.sort(key=lambda u: -max(len(r.input_ids) for r in u))
     out = []
     for j in range(k):
         part = [rw for u in units[j * len(units) // k:(j + 1) * len(units) // k] for rw in u]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from scale.logprobs import policy_logps
 from scale.loss import collate
 
 
@@ -24,12 +25,12 @@ class Reference:
         for s in range(0, len(rows), B):
             chunk = rows[s:s + B]
             mb = collate(chunk, tr.tok.pad_token_id, tr.acc.device)
-            args = (mb["input_ids"], mb["attention_mask"], mb["score_mask"], temp, False)
+            kw = dict(temperature=temp, with_entropy=False)
             if self.model is None:
                 with tr._model().disable_adapter():
-                    lp, _ = tr.acc.unwrap_model(tr.policy)(*args)
+                    lp, _ = policy_logps(tr.acc.unwrap_model(tr.policy), mb, r.padding_free, **kw)
             else:
-                lp, _ = self.model(*args)
+                lp, _ = policy_logps(self.model, mb, r.padding_free, **kw)
             out += [lp[i, rw.prompt_len:len(rw.input_ids)].double().cpu() for i, rw in enumerate(chunk)]
         return out
 
@@ -37,11 +38,14 @@ class Reference:
         for rw, lp in zip(rows, self.token_logps(rows)):
             rw.ref_logp = float(lp.sum())
 
-    def precompute(self, pref: list[dict]) -> None:
+    def precompute(self, pref) -> None:
         """Store each pair's reference log-probs in the examples, then free the reference model."""
         from scale.methods.dpo import pair_rows
 
         for i in range(len(pref)):
             rows = pair_rows(self.tr, [i], data=pref)
-            pref[i]["ref_chosen_logp"], pref[i]["ref_rejected_logp"] = rows[0].ref_logp, rows[1].ref_logp
+            if hasattr(pref, "set_ref_logps"):   # scale.token_store.TokenData: kept beside the mapped arrays
+                pref.set_ref_logps(i, rows[0].ref_logp, rows[1].ref_logp)
+            else:
+                pref[i]["ref_chosen_logp"], pref[i]["ref_rejected_logp"] = rows[0].ref_logp, rows[1].ref_logp
         self.model = None

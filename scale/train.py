@@ -35,7 +35,7 @@ from scale.checks import check_model_path, check_output_dir, loaded
 from scale.config import Config, load_config
 from scale.data import prepare_data
 from scale.generation import Generator
-from scale.logprobs import Policy
+from scale.logprobs import PACKED_ATTENTION, Policy, packing_error, policy_logps, use_packed_attention
 from scale.loss import Row, collate, local_counts, micro_loss, split_rows
 from scale.methods import get_method
 from scale.reference import Reference
@@ -109,6 +109,8 @@ class Trainer:
                   "copy: small updates round away (README, 'Precision'); use model.dtype=float32 with "
                   "run.mixed_precision=bf16", file=sys.stderr, flush=True)
         model = self._load_model(cfg.model.path)
+        if r.padding_free:
+            self._check_packing(model)
         ref = None
         needs_ref = method.needs_reference() or any(s.kind == "dpo" for s in cfg.eval.sets)
         if needs_ref and (cfg.model.ref_path or not cfg.model.lora.enabled):  # LoRA: the adapter-free base
@@ -154,7 +156,29 @@ class Trainer:
     def _load_model(self, path, key="model.path"):
         from transformers import AutoModelForCausalLM
 
-        return loaded("the model", path, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=self._dtype()), key)
+        model = loaded("the model", path, lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=self._dtype()), key)
+        if self.cfg.run.padding_free:   # packed rows attend one example at a time (scale.logprobs)
+            use_packed_attention(model)
+        return model
+
+    def _check_packing(self, model) -> None:
+        """run.padding_free: the model's hidden states on packed rows equal those of the rows alone (a model
+        whose attention ignores the position ids would let rows attend to each other). Skipped where the
+        weights are not all here yet (ZeRO-3 partitions, FSDP's meta-device loading)."""
+        impl = getattr(model.config, "_attn_implementation", None)
+        if not str(impl).startswith("flash") and impl != PACKED_ATTENTION and _is_main():
+            print(f"ptlab train: note: run.padding_free with attention {impl!r} builds a block-diagonal mask over "
+                  "each packed micro-batch, so attention costs grow with the square of its total tokens (on CPU "
+                  "it measured slower than run.group_by_length: README, 'Padding'); flash-attention runs each "
+                  "row on its own", file=sys.stderr, flush=True)
+        if self._zero3() or any(p.device.type == "meta" for p in model.parameters()):
+            return
+        err = packing_error(model)
+        tol = 1e-2 if self._dtype() in (torch.bfloat16, torch.float16) else 1e-4
+        if not err <= tol:
+            raise ValueError(f"run.padding_free: {type(model).__name__} (attention {impl!r}) does not keep packed "
+                             f"rows apart: hidden states differ from unpacked ones by {err:.3g} (relative); use "
+                             "run.group_by_length instead")
 
     def _make_reference(self, model):
         m = self.cfg.model
@@ -299,15 +323,15 @@ class Trainer:
         total = 0.0
         tokens = 0
         scale = r.grad_accum * self.P
-        for j, mb_rows in enumerate(split_rows(rows, r.grad_accum)):
+        for j, mb_rows in enumerate(split_rows(rows, r.grad_accum, r.group_by_length)):
             mb = self.collate(mb_rows)
             tokens += int(mb["attention_mask"].sum())
             if getattr(self, "datareg", None) is not None:  # the rule's own backward (scale/datareg.py)
                 loss, st = self.datareg.backward(mb_rows, norms, j, r.grad_accum)
             else:
                 with self.acc.accumulate(self.policy):
-                    lp, ent = self.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"],
-                                          temperature=self.cfg.generation.temperature, **self.entropy_args())
+                    lp, ent = policy_logps(self.policy, mb, r.padding_free, temperature=self.cfg.generation.temperature,
+                                           **self.entropy_args())
                     loss, st = micro_loss(lp, ent, mb, self.terms, norms)
                     self.acc.backward(loss * scale)
             total += float(loss.detach())
@@ -369,10 +393,11 @@ class Trainer:
     @torch.no_grad()
     def fill_old_logps(self, rows: list[Row]) -> None:
         """The current policy's token log-probs of the scored tokens, kept for several updates on one batch."""
-        for mb_rows in split_rows(rows, max(1, len(rows) // 8)):
+        r = self.cfg.run
+        for mb_rows in split_rows(rows, max(1, len(rows) // 8), r.group_by_length):
             mb = self.collate(mb_rows)
-            lp, _ = self.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"],
-                                temperature=self.cfg.generation.temperature, with_entropy=False)
+            lp, _ = policy_logps(self.policy, mb, r.padding_free, temperature=self.cfg.generation.temperature,
+                                 with_entropy=False)
             for i, rw in enumerate(mb_rows):
                 rw.old_logp = lp[i, rw.prompt_len:len(rw.input_ids)].double().tolist()
 
@@ -451,6 +476,13 @@ class Trainer:
     def save_model(self, path: Path):
         """The final model as a Hugging Face folder (an adapter under LoRA), written then renamed."""
         ckpt.save_final(self.acc, self.policy, self._model(), self.tok, path)
+
+
+def _is_main() -> bool:
+    """Rank 0 of a launch (or a single process), before accelerate is set up."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def check_engine(acc, cfg) -> None:

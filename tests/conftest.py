@@ -18,3 +18,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ptlab"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The trainer's token cache (scale/token_store.py) goes to a folder of this test session, not ~/.cache;
+# subprocesses (torchrun, accelerate workers) inherit it.
+if "PTLAB_DATA_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["PTLAB_DATA_CACHE"] = tempfile.mkdtemp(prefix="ptlab-tokens-")
+    atexit.register(shutil.rmtree, os.environ["PTLAB_DATA_CACHE"], True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from scale.logprobs import policy_logps
 from scale.loss import Terms, micro_loss, sft_estimator, split_rows
 from scale.methods import Method, register
 from scale.methods.dpo import pair_rows
@@ -85,9 +86,10 @@ class Joint(Method):
                                  ("f_dpo", pair_rows(tr, i_dpo), Terms(dpo_beta=tr.terms.dpo_beta))):
             norms = tr.global_counts(rows)
             total = 0.0
-            for mb_rows in split_rows(rows, self.cfg.run.grad_accum):
+            r = self.cfg.run
+            for mb_rows in split_rows(rows, r.grad_accum, r.group_by_length):
                 mb = tr.collate(mb_rows)
-                lp, ent = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"], with_entropy=False)
+                lp, ent = policy_logps(tr.policy, mb, r.padding_free, with_entropy=False)
                 total += float(micro_loss(lp, ent, mb, terms, norms)[0])
             t = torch.tensor(float(total), dtype=torch.float64, device=tr.acc.device)
             vals[key] = float(tr.acc.reduce(t, "sum"))
