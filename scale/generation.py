@@ -18,6 +18,9 @@ class Generator:
         off-policy methods sample with hf)."""
         self.cfg, self.tok, self.acc, self.model_fn, self.root_fn = cfg, tok, acc, model_fn, root_fn
         self.vllm = _VllmGenerator(cfg, acc) if cfg.generation.backend == "vllm" and rollouts else None
+        # per completion of the last sampled batch, the sampler's log-prob of each kept token (ptlab and vllm
+        # backends; None with hf): the rollout policy of `method.rl.rollout_correction`
+        self.rollout_logprobs: list[list[float]] | None = None
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int = 0,
@@ -27,7 +30,10 @@ class Generator:
         g = self.cfg.generation
         if self.vllm is not None and not greedy and (max_new_tokens or g.max_new_tokens) == g.max_new_tokens:
             self.vllm.push(self.model_fn(), root, self.acc)   # parameter by parameter: no whole-model gather
-            return [self._cut(row) for row in self.vllm.generate(prompts, n)]
+            rows = [self._cut(row) for row in self.vllm.generate(prompts, n)]
+            self.rollout_logprobs = [lp[:len(r)] for lp, r in zip(self.vllm.rollout_logprobs, rows)]
+            return rows
+        self.rollout_logprobs = None
         with gathered(root, self.acc):
             return self._generate(prompts, n, max_new_tokens, greedy)
 
@@ -41,19 +47,24 @@ class Generator:
 
         b = pad([{"input_ids": p} for p in prompts], self.tok.pad_token_id, left=True)
         ids, mask = b["input_ids"].to(self.acc.device), b["attention_mask"].to(self.acc.device)
-        if g.backend == "ptlab" and not greedy:
-            from scale.sampling import generate_ids
+        try:
+            if g.backend == "ptlab" and not greedy:
+                from scale.sampling import generate_ids
 
-            new = generate_ids(model, ids, mask, n, max_new, self.tok.eos_token_id, self.tok.pad_token_id,
-                               temperature=g.temperature, top_p=g.top_p)
-        else:
+                steps = []
+                new = generate_ids(model, ids, mask, n, max_new, self.tok.eos_token_id, self.tok.pad_token_id,
+                                   temperature=g.temperature, top_p=g.top_p, logprobs=steps)
+                rows = [self._cut(row) for row in new.tolist()]
+                self.rollout_logprobs = [lp[:len(r)] for lp, r in zip(torch.stack(steps, 1).tolist(), rows)]
+                return rows
             sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if greedy else \
                 {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k}
             new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
                                  num_return_sequences=n, pad_token_id=self.tok.pad_token_id,
                                  eos_token_id=self.tok.eos_token_id, **sampling)[:, ids.shape[1]:]
-        model.train(was_training)
-        return [self._cut(row) for row in new.tolist()]
+            return [self._cut(row) for row in new.tolist()]
+        finally:
+            model.train(was_training)
 
     def _cut(self, row: list[int]) -> list[int]:
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
@@ -126,8 +137,8 @@ class _VllmGenerator:
     (level 2: weights and KV cache freed) so that training gets the memory back.
 
     Not run on this CPU-only machine (vLLM needs a GPU): the weight stream is tested on CPU processes against the
-    saved checkpoint; the calls into vLLM follow its LLM API as TRL 1.16 uses it. The trainer does not consume
-    `rollout_logprobs` yet (`method.rl.rollout_correction` is refused).
+    saved checkpoint; the calls into vLLM follow its LLM API as TRL 1.16 uses it. `rollout_logprobs` feed the
+    rollout correction (`method.rl.estimator_options.rollout_correction`).
     """
 
     def __init__(self, cfg: Config, acc):

@@ -40,6 +40,7 @@ class Row:
     ref_logp: float = 0.0                 # DPO: sequence log-prob under the reference model
     old_logp: list[float] | None = None   # RL with several updates per batch: per completion token
     ref_token_logp: list[float] | None = None  # KL to the reference: per completion token
+    rollout_logp: list[float] | None = None    # RL rollouts: the sampler's log-prob per completion token
     meta: dict = field(default_factory=dict)
 
     @property
@@ -77,9 +78,20 @@ def sft_estimator(aggregation: str = "global_token_mean") -> UPGE:
     return preset("sft", aggregation=aggregation)
 
 
+def rollout_logps(mb: dict, rows: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """The sampler's log-probs of `rows` for the rollout correction; rows the sampler did not write
+    (demonstrations) take `old`, so their correction weight is exactly 1."""
+    if mb.get("rollout_logp") is None:
+        raise ValueError("method.rl.estimator_options: rollout_correction needs the sampler's log-probs, which "
+                         "this batch lacks (generation.backend ptlab or vllm records them)")
+    has = mb["has_rollout"][rows].to(old.device)[:, None]
+    return torch.where(has, mb["rollout_logp"][rows].to(old.dtype), old)
+
+
 def collate(rows: list[Row], pad_id: int, device=None) -> dict[str, torch.Tensor]:
     """Right-padded tensors [n, T]: input_ids, attention_mask, score_mask (the completion tokens), and per
-    row advantage, weight, is_demo, ref_logp, old_logp / ref_token_logp [n, T] (0 where not scored)."""
+    row advantage, weight, is_demo, ref_logp, has_rollout, and old_logp / ref_token_logp / rollout_logp [n, T]
+    (0 where not scored; None when no row has them)."""
     n, T = len(rows), max(len(r.input_ids) for r in rows)
     # one tensor from padded lists and masks from the lengths: no per-row tensor copies
     ids = torch.tensor([list(r.input_ids) + [pad_id] * (T - len(r.input_ids)) for r in rows], dtype=torch.long)
@@ -87,24 +99,20 @@ def collate(rows: list[Row], pad_id: int, device=None) -> dict[str, torch.Tensor
     length = torch.tensor([len(r.input_ids) for r in rows])[:, None]
     att = (pos < length).long()
     score = (pos >= torch.tensor([r.prompt_len for r in rows])[:, None]) & (pos < length)
-    has_old = any(r.old_logp is not None for r in rows)
-    has_ref_tok = any(r.ref_token_logp is not None for r in rows)
-    old = torch.zeros((n, T), dtype=torch.float64) if has_old else None
-    ref_tok = torch.zeros((n, T), dtype=torch.float64) if has_ref_tok else None
+    per_token = {k: torch.zeros((n, T), dtype=torch.float64) if any(getattr(r, k) is not None for r in rows)
+                 else None for k in ("old_logp", "ref_token_logp", "rollout_logp")}
     for i, r in enumerate(rows):
-        L = len(r.input_ids)
-        if r.old_logp is not None:
-            old[i, r.prompt_len:L] = torch.tensor(r.old_logp, dtype=torch.float64)
-        if r.ref_token_logp is not None:
-            ref_tok[i, r.prompt_len:L] = torch.tensor(r.ref_token_logp, dtype=torch.float64)
+        for k, t in per_token.items():
+            if t is not None and getattr(r, k) is not None:
+                t[i, r.prompt_len:len(r.input_ids)] = torch.tensor(getattr(r, k), dtype=torch.float64)
     out = {
         "input_ids": ids, "attention_mask": att, "score_mask": score,
         "advantage": torch.tensor([r.advantage for r in rows], dtype=torch.float64),
         "weight": torch.tensor([r.weight for r in rows], dtype=torch.float64),
         "ref_logp": torch.tensor([r.ref_logp for r in rows], dtype=torch.float64),
         "kind": [r.kind for r in rows],
-        "old_logp": old,
-        "ref_token_logp": ref_tok,
+        **per_token,
+        "has_rollout": torch.tensor([r.rollout_logp is not None for r in rows]),
     }
     if device is not None:
         out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
@@ -160,6 +168,8 @@ def micro_loss(logp: torch.Tensor, entropy: torch.Tensor | None, mb: dict, terms
         ref = mb["ref_token_logp"]
         if terms.rl.kl_coef and terms.rl.kl_placement == "loss" and ref is not None:
             kw["ref_logp"] = ref = ref[rl_i].to(lp.dtype)   # the estimator adds beta * KL (its kl_* options)
+        if terms.rl.rollout_correction != "none":
+            kw["rollout_logp"] = rollout_logps(mb, rl_i, old if old is not None else lp.detach())
         term = terms.rl.loss(lp, **kw)
         loss = loss + term
         d = terms.rl.diagnostics(lp.detach(), **{**kw, "old_logp": old})

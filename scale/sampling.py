@@ -58,9 +58,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
 @torch.no_grad()
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, max_new_tokens: int,
                  eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, logprobs: list | None = None) -> torch.Tensor:
     """Left-padded prompts [B, L] -> new tokens [B * n, <= max_new_tokens] (rows grouped by prompt, as
-    `num_return_sequences=n`), `pad_id` after a row's EOS; stops early when every row has ended."""
+    `num_return_sequences=n`), `pad_id` after a row's EOS; stops early when every row has ended.
+    `logprobs`, a list, receives one [B * n] float32 tensor per step: the log-probability of each drawn token
+    under the distribution it was drawn from (after temperature and top-p), the rollout policy's log-prob."""
     from transformers import DynamicCache
 
     if n < 1 or max_new_tokens < 1:
@@ -85,7 +87,10 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n
     alive = torch.ones(B * n, dtype=torch.bool, device=dev)
     new = []
     for t in range(max_new_tokens):
-        tok = logits.argmax(-1) if greedy else draw(sampling_probs(logits, temperature, top_p), generator)
+        probs = None if greedy else sampling_probs(logits, temperature, top_p)
+        tok = logits.argmax(-1) if greedy else draw(probs, generator)
+        if logprobs is not None and probs is not None:
+            logprobs.append(probs.gather(1, tok[:, None]).squeeze(1).log())
         tok = torch.where(alive, tok, torch.full_like(tok, pad_id))
         new.append(tok)
         alive &= tok != eos_id

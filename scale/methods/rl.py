@@ -14,7 +14,8 @@ from scale.methods import Method, register
 
 KL_KEYS = ("kl_coef", "kl_estimator", "kl_placement", "kl_aggregation", "kl_bias_correction")
 # estimator options the trainer cannot feed: the sampler's own log-probs, a quantile over the whole step
-NOT_IN_TRAINER = {"rollout_correction": "none", "top_entropy_quantile": 1.0}
+NOT_IN_TRAINER = {"top_entropy_quantile": 1.0}
+SAMPLER_LOGPROBS = ("ptlab", "vllm")   # generation backends that record each sampled token's log-prob
 
 
 def rl_preset(cfg, name: str, **fixed):
@@ -33,8 +34,11 @@ def rl_preset(cfg, name: str, **fixed):
     for key, off in NOT_IN_TRAINER.items():
         if key in opts and opts[key] != off:
             raise ValueError(f"method.rl.estimator_options: {key}={opts[key]!r} is not supported by the trainer "
-                             "yet (it needs the sampler's log-probs or a quantile over the whole step); "
-                             "theory.estimator offers it")
+                             "yet (it needs a quantile over the whole step); theory.estimator offers it")
+    if opts.get("rollout_correction", "none") != "none" and cfg.generation.backend not in SAMPLER_LOGPROBS:
+        raise ValueError(f"generation.backend: {cfg.generation.backend!r} does not record the sampled tokens' "
+                         f"log-probs that method.rl.estimator_options rollout_correction needs; use one of "
+                         f"{list(SAMPLER_LOGPROBS)}")
     try:
         est = rl_estimator(name, {**opts, **fixed}, cfg.generation.max_new_tokens)
     except (ValueError, TypeError) as e:
@@ -78,11 +82,12 @@ def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, wit
     parts: dict = {}
     rewards = tr.rewards(texts, answers, [i for i in idx for _ in range(n_gen)], f"step {step + 1}",
                          completion_ids=comps, parts=parts)
+    sampled_lp = tr.generator.rollout_logprobs or [None] * len(comps)   # the sampler's, where it records them
     rows: list[Row] = []
     for q, e in enumerate(exs):
         for k in range(n_gen):
             c = comps[q * n_gen + k]
-            rows.append(Row(e["prompt_ids"] + c, len(e["prompt_ids"]), "rl",
+            rows.append(Row(e["prompt_ids"] + c, len(e["prompt_ids"]), "rl", rollout_logp=sampled_lp[q * n_gen + k],
                             meta={"group": q, "reward": rewards[q * n_gen + k]}))
         if with_demo:
             rows.append(demo_row(tr, e, idx[q], step, group=q))
