@@ -374,7 +374,8 @@ def test_rollout_advantages_get_the_completion_lengths():
     rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
     tr = SimpleNamespace(
         cfg=SimpleNamespace(generation=SimpleNamespace(n=3)), acc=acc,
-        generate=lambda prompts, n: comps, tok=SimpleNamespace(batch_decode=lambda c, **_: ["x"] * len(c)),
+        generate=lambda prompts, n: comps, generator=SimpleNamespace(rollout_logprobs=None),   # hf: none recorded
+        tok=SimpleNamespace(batch_decode=lambda c, **_: ["x"] * len(c)),
         rewards=lambda *a, **k: rewards,
         terms=Terms(rl=rl_estimator("grpo", {"advantage": "group_center_token_whiten_verl"})))
     exs = [{"prompt_ids": [1, 2], "answer": "a"}, {"prompt_ids": [3], "answer": "b"}]
