@@ -11,7 +11,7 @@ takes (name, tensor) pairs under those same names (it fuses q/k/v and gate/up it
 - LoRA (PEFT): the adapters are merged into the base weights for the stream and unmerged after it, and the
   names lose PEFT's prefixes; adapter tensors are not sent (vLLM's model has no place for them). Merging needs
   whole weights, so under FSDP2 and ZeRO-3 the model is gathered once for the length of the stream
-  (`scale.generation.gathered`).
+  (`scale.gather.gathered`).
 
 Gathering is collective: every rank must run the whole stream, also ranks that do not push the weights.
 A yielded tensor is valid until the next one is requested (ZeRO-3 releases it): copy it to keep it.
@@ -31,7 +31,7 @@ def weight_stream(model, root=None, acc=None) -> Iterator[tuple[str, torch.Tenso
     FSDP2 root) and `acc` the Accelerator; both may be None for a plain model."""
     from peft import PeftModel
 
-    from scale.generation import gathered
+    from scale.gather import gathered
 
     lora = isinstance(model, PeftModel)
     with gathered(root, acc) if lora else contextlib.nullcontext():   # merging needs whole weights
@@ -66,7 +66,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def _gathered(params: list, engine):
     """ZeRO-3: the full values of `params` for the length of the block; anything else: nothing to do."""
-    from scale.generation import zero3_engine
+    from scale.gather import zero3_engine
 
     if engine is None or not zero3_engine(engine):
         return contextlib.nullcontext()
