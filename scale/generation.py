@@ -85,9 +85,9 @@ class _VllmGenerator:
     the log-probability of each sampled token (`rollout_logprobs`, after temperature), and put vLLM back to sleep
     (level 2: weights and KV cache freed) so that training gets the memory back.
 
-    Not run on this CPU-only machine (vLLM needs a GPU): the weight stream is tested on CPU processes against the
-    saved checkpoint; the calls into vLLM follow its LLM API as TRL 1.16 uses it. `rollout_logprobs` feed the
-    rollout correction (`method.rl.estimator_options.rollout_correction`).
+    Not run on this CPU-only machine (vLLM needs a GPU): the weight stream is tested on CPU processes (FSDP2,
+    ZeRO-3, LoRA) against the unsharded checkpoint; the calls into vLLM follow its LLM API as TRL 1.16 uses
+    it. `rollout_logprobs` feed the rollout correction (`method.rl.estimator_options.rollout_correction`).
     """
 
     def __init__(self, cfg: Config, acc):

@@ -1,6 +1,6 @@
-"""scale.vllm_sync.weight_stream on one process: exactly the tensors `save_pretrained` writes (the files vLLM loads
+"""scale.vllm_sync.weight_stream: on one process exactly the tensors `save_pretrained` writes (the files vLLM loads
 at start, so the names and shapes its loader takes), tied weights once; under LoRA the merged weights under base
-names, and the model unchanged afterwards. (The sharded engines: tests/scale/test_engines.py.)"""
+names, and the model unchanged afterwards; under FSDP2 and ZeRO-3 on 2 CPU processes, the unsharded checkpoint."""
 
 import copy
 
@@ -46,3 +46,30 @@ def test_lora_streams_merged_weights_under_base_names_and_unmerges(model, tmp_pa
     assert not torch.allclose(streamed[q], model.state_dict()[q])           # the adapter really changed it
     after = dict(peft.named_parameters())
     assert all(torch.allclose(after[n], b, rtol=0, atol=1e-12) for n, b in before.items())   # unmerged again
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_sharded_streams_equal_the_unsharded_checkpoint(engine, tmp_path):
+    """Under FSDP2 and ZeRO-3 on 2 CPU processes (tests/scale/vllm_sync_worker.py: really sharded), with and without
+    LoRA: the streamed names, shapes and values are the unsharded model's checkpoint (merged under LoRA), exactly:
+    gathering moves values, it does not compute them."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(root / "tests" / "scale" / "vllm_sync_worker.py"), engine, str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=root,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for case in (engine, f"{engine}-lora"):
+        got, want = load_file(tmp_path / f"{case}.safetensors"), load_file(tmp_path / f"{case}.ref.safetensors")
+        assert set(got) == set(want) and len(got) == 26, case
+        for name, t in want.items():
+            assert got[name].shape == t.shape and torch.equal(got[name], t), (case, name)
