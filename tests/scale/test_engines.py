@@ -71,7 +71,10 @@ def _reloads(final: Path, saved: dict) -> None:
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-CASES = [("sft", "sft", 1, {}), ("rl", "rl", 2, {}),
+# the per-case tests (one launch per run) are the slow suite's full matrix; the default run has
+# test_engine_matrix, which covers each engine with several runs per launch
+CASES = [pytest.param("sft", "sft", 1, {}, marks=pytest.mark.slow),
+         pytest.param("rl", "rl", 2, {}, marks=pytest.mark.slow),
          pytest.param("dpo", "dpo", 1, {}, marks=pytest.mark.slow),
          pytest.param("hpt", "rl", 2, {"method.hpt.gamma": 0.5}, marks=pytest.mark.slow),
          pytest.param("sft_dpo", "joint", 1, {"method.joint.schedule": "maxright", "method.joint.k": 1},
@@ -98,7 +101,9 @@ def test_fsdp2_matches(world, tmp_path, method, data, base_procs, extra):
     assert moved > 1e-4   # the runs trained: the match is not two untouched copies
 
 
-ZERO_CASES = [("zero2", "sft", "sft", 1, {}), ("zero3", "rl", "rl", 2, {}), ("zero3", "dpo", "dpo", 1, {}),
+ZERO_CASES = [pytest.param("zero2", "sft", "sft", 1, {}, marks=pytest.mark.slow),
+              pytest.param("zero3", "rl", "rl", 2, {}, marks=pytest.mark.slow),
+              pytest.param("zero3", "dpo", "dpo", 1, {}, marks=pytest.mark.slow),
               pytest.param("zero3", "sft", "sft", 1, {}, marks=pytest.mark.slow),
               pytest.param("zero2", "rl", "rl", 2, {}, marks=pytest.mark.slow),
               pytest.param("zero2", "dpo", "dpo", 1, {}, marks=pytest.mark.slow),
@@ -179,6 +184,7 @@ def test_engine_resume_equals_uninterrupted(world, tmp_path, engine, dtype):
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
+@pytest.mark.slow
 def test_fsdp2_bf16_mixed_precision_returns_float32_logprobs(world, tmp_path):
     """Under FSDP2 with run.mixed_precision=bf16 the decoder computes in bf16, but the log-probs that PPO
     ratios and DPO margins are made of come back in float32 (accelerate's FSDP2 policy would cast the
@@ -234,7 +240,8 @@ def _reloads_adapter(final: Path, base: Path, saved: dict) -> None:
     assert all(bool((loaded[k] == v).all()) for k, v in saved.items())
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", pytest.param("zero2", marks=pytest.mark.slow), "zero3"])
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
 def test_lora_matches_one_process(world, tmp_path, lora_baselines, engine):
     """LoRA (peft adapters on q_proj / v_proj, the base frozen) under FSDP2 and ZeRO-2/3: after 2 steps the
     adapter equals the one-process adapter (SFT; DPO, whose reference is the policy with its adapter
@@ -259,7 +266,8 @@ def test_lora_matches_one_process(world, tmp_path, lora_baselines, engine):
             assert min(norms[0]) > extra["run.max_grad_norm"] and norms[1] == pytest.approx(norms[0], rel=1e-4), m
 
 
-@pytest.mark.parametrize("engine", [pytest.param("zero2", marks=pytest.mark.slow), "zero3"])
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_deepspeed_bf16_returns_float32_logprobs(world, tmp_path, engine):
     """Under ZeRO-2/3 with run.mixed_precision=bf16 DeepSpeed keeps bf16 weights (float32 masters in its
     optimizer) and computes in bf16; the log-probs the losses use come back in float32, SFT and GRPO train
@@ -284,7 +292,8 @@ JOINT = {"alright": {"method.joint.schedule": "alright"},
 JOINT_ENGINES = {"fsdp2": ("float64", 1e-12, {}), "zero3": ("float32", 1e-4, {"run.max_grad_norm": 0.05})}
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", pytest.param("zero3", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
 def test_joint_schedules_match_one_process(world, tmp_path, engine):
     """The ALRIGHT and Sequential schedules of SFT + DPO (4 steps) under FSDP2 / ZeRO-3 end where one process
     ends. ALRIGHT's draws use both objectives; Sequential clears the optimizer state at its stage change (through
@@ -315,3 +324,103 @@ def test_joint_schedules_match_one_process(world, tmp_path, engine):
     apart = max(float((kept[k] - one["sequential"][k]).abs().max()) for k in kept)
     print(f"sequential with / without the optimizer reset: {apart:.2g} apart")
     assert apart > 100 * bound
+
+
+# The default suite's engine matrix: per engine, one launch runs all its cases one after the other (the start-up
+# of torch, transformers and DeepSpeed on 2 processes costs more than a tiny run), against reference runs
+# launched once per dtype for all engines. A case: (method.name, data, overrides, processes of its reference
+# run; 0 = no reference, checked on its own).
+LORA_KEYS = {"model.lora.enabled": True, "model.lora.r": 4}
+MATRIX_CASES = {
+    "sft": ("sft", "sft", {}, 1),
+    "dpo": ("dpo", "dpo", {}, 1),
+    "grpo": ("rl", "rl", {}, 2),
+    "lora_dpo": ("dpo", "dpo", LORA_KEYS, 1),        # the reference is the policy with its adapter disabled
+    "lora_grpo": ("rl", "rl", LORA_KEYS, 2),
+    "sequential": ("sft_dpo", "joint", {"method.joint.schedule": "sequential", "run.max_steps": 4}, 1),
+    "sequential_kept": ("sft_dpo", "joint", {"method.joint.schedule": "sequential", "run.max_steps": 4,
+                                             "method.joint.reset_optimizer": False}, 1),   # reference only
+    "bf16_sft": ("sft", "sft", {"run.mixed_precision": "bf16", "model.dtype": "float32"}, 0),
+    "bf16_grpo": ("rl", "rl", {"run.mixed_precision": "bf16", "model.dtype": "float32"}, 0),
+}
+# engine: (dtype, bound, overrides of every run, its cases)
+MATRIX = {"fsdp2": ("float64", 1e-12, {}, ("sft", "grpo", "lora_dpo", "sequential", "bf16_sft")),
+          "zero2": ("float32", 5e-5, {"run.max_grad_norm": 0.05}, ("sft", "lora_grpo", "bf16_sft")),
+          "zero3": ("float32", 5e-5, {"run.max_grad_norm": 0.05}, ("dpo", "grpo", "lora_grpo", "bf16_grpo"))}
+
+
+def _matrix_run(world, root: Path, name: str, dtype: str, common: dict) -> list[str]:
+    method, data, extra, _ = MATRIX_CASES[name]
+    return base_overrides(world, method, data, root / name, **{"model.dtype": dtype, "run.cpu": True,
+                                                               "run.save_model": True, **common, **extra})
+
+
+@pytest.fixture(scope="module")
+def matrix_references(world, tmp_path_factory):
+    """The reference runs of every matrix engine of a dtype, launched on first use: one launch of one process
+    (SFT, DPO, joint cases) and one of 2 DDP processes (GRPO: each rank samples with its own seed)."""
+    done: dict = {}
+
+    def get(dtype: str, common: dict) -> Path:
+        if dtype not in done:
+            root = tmp_path_factory.mktemp(f"references_{dtype}")
+            names = {n for d, _, _, cases in MATRIX.values() if d == dtype for n in cases if MATRIX_CASES[n][3]}
+            if "sequential" in names:
+                names.add("sequential_kept")
+            for procs in (1, 2):
+                runs = [_matrix_run(world, root, n, dtype, common) for n in sorted(names)
+                        if MATRIX_CASES[n][3] == procs]
+                if runs:
+                    _launch("ddp", procs, runs)
+            done[dtype] = root
+        return done[dtype]
+    return get
+
+
+@pytest.mark.parametrize("engine", list(MATRIX))
+def test_engine_matrix(world, tmp_path, matrix_references, engine):
+    """Each engine on 2 CPU processes against reference runs without it: full-parameter SFT / DPO / GRPO, LoRA
+    (the adapter), the Sequential schedule (its optimizer reset goes through the engine's optimizer wrapper),
+    all ending where the reference ends (FSDP2 in float64 to 1e-12, ZeRO in float32 to 5e-5, clipping every
+    step); the saved model keeps its embeddings tied and reloads (from_pretrained, or PeftModel onto the base);
+    the log-probs come back in the model's dtype, and in float32 under bf16 mixed precision, where final/
+    holds the float32 parameters (under DeepSpeed its masters), not a bf16 copy. The slow suite runs the
+    per-case tests above over more methods."""
+    if engine.startswith("zero"):
+        import deepspeed  # noqa: F401  (dev extras, installed by `make setup`: a missing one fails, never skips)
+    dtype, bound, common, cases = MATRIX[engine]
+    refs = matrix_references(dtype, common)
+    _launch(engine, 2, [_matrix_run(world, tmp_path, n, dtype, common) for n in cases])
+    initial = load_file(str(world["model"] / "model.safetensors"))
+    for n in cases:
+        out, procs = tmp_path / n, MATRIX_CASES[n][3]
+        want = "torch.float32" if n.startswith("bf16") else f"torch.{dtype}"
+        assert (out / "logp_dtype.txt").read_text() == want, n
+        losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+        assert losses and all(v == v for v in losses), n
+        if n.startswith("lora"):
+            a, b = _adapter(refs / n), _adapter(out)
+            assert a and sorted(a) == sorted(b) and all("lora_" in k for k in b), n
+            assert max(float(v.abs().max()) for k, v in b.items() if "lora_B" in k) > 1e-4, n   # B starts at 0
+            _reloads_adapter(out / "final", world["model"], b)
+        else:
+            b = load_file(str(out / "final" / "model.safetensors"))
+            assert "lm_head.weight" not in b, n   # tied: saved once, as the embedding
+            _reloads(out / "final", b)
+            assert max(float((initial[k].to(v.dtype) - v).abs().max()) for k, v in b.items()) > 1e-4, n  # trained
+            if not procs:   # bf16: the float32 parameters, not their bf16 rounding
+                assert {v.dtype for v in b.values()} == {torch.float32}, n
+                assert any(bool((v != v.bfloat16().float()).any()) for v in b.values()), n
+                continue
+            a = load_file(str(refs / n / "final" / "model.safetensors"))
+            assert sorted(a) == sorted(b), n
+        diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+        print(f"{engine} {n}: max difference from the reference {diff:.2g}")   # shown with -rP
+        assert diff < bound, (n, diff)
+        if common.get("run.max_grad_norm"):   # the clip bound on every step (DeepSpeed clips inside its step)
+            norms = [[r["grad_norm"] for r in read_metrics(d) if "grad_norm" in r] for d in (refs / n, out)]
+            assert min(norms[0]) > common["run.max_grad_norm"], n
+            assert norms[1] == pytest.approx(norms[0], rel=1e-4), n
+        if n == "sequential":   # the reset matters: without it the run ends elsewhere
+            kept = load_file(str(refs / "sequential_kept" / "final" / "model.safetensors"))
+            assert max(float((kept[k] - a[k]).abs().max()) for k in a) > 100 * bound
