@@ -6,8 +6,13 @@ float32 to 5e-5 (DeepSpeed keeps float32 and reduces in its own order; measured 
 AdamW steps at lr 1e-2, where Adam's normalisation magnifies float32 rounding in near-zero gradients), with
 run.max_grad_norm small enough to clip every step (DeepSpeed clips inside its own step); the final model
 keeps tied embeddings tied (one lm_head / embedding tensor) and reloads with from_pretrained to the saved
-parameters. The engine check refuses what would silently
-run another experiment."""
+parameters. LoRA adapters match the same way and reload with PeftModel; under bf16 mixed precision the
+log-probs are float32 and final/ holds the float32 parameters. The engine check refuses what would silently
+run another experiment.
+
+The default suite runs test_engine_matrix (per engine, one launch runs all its cases) and the FSDP2 resume case;
+the per-case tests (one launch per run, the full matrix of methods and features) are marked slow. Measured
+differences are printed (`pytest -rP`) and listed in the README's multi-GPU section."""
 
 from __future__ import annotations
 
