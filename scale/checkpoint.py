@@ -189,11 +189,12 @@ def save_final(acc, policy, model, tok, path: Path) -> None:
     """The final model as a Hugging Face folder (an adapter under LoRA), written to `path.tmp` then
     renamed; `policy` is the prepared wrapper (whose state dict holds `model.*`), `model` the inner model."""
     acc.wait_for_everyone()
-    state = acc.get_state_dict(policy)
+    state = acc.get_state_dict(policy)   # ZeRO-3: None on all but the main process
+    masters = _deepspeed_masters(policy)   # every rank: one collective per parameter
     if acc.is_main_process:
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        sd = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        sd = {k[len("model."):]: v for k, v in {**state, **masters}.items() if k.startswith("model.")}
         for name in _aliases(model):   # tied weights: one copy (a gathered FSDP state dict no longer shares them)
             sd.pop(name, None)
         with cleaned_on_failure(tmp, "final model"):  # a full disk: no final.tmp left behind
@@ -202,6 +203,25 @@ def save_final(acc, policy, model, tok, path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     acc.wait_for_everyone()
+
+
+def _deepspeed_masters(engine) -> dict:
+    """Under DeepSpeed with bf16 / fp16, the float32 master copies of the trained parameters, by state-dict
+    name: the engine's module holds half-precision weights, and a final model saved from them would lose the
+    low bits that the float32 masters (what training updates, what DDP and FSDP2 save) keep. Empty elsewhere.
+    Every rank must call it (ZeRO assembles each master from its partitions)."""
+    half = getattr(engine, "bfloat16_enabled", lambda: False)() or getattr(engine, "fp16_enabled", lambda: False)()
+    if not half:
+        return {}
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p)
+            if full is not None:
+                out[name] = full.detach().cpu()
+    return out
 
 
 def _aliases(model) -> list[str]:

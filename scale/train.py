@@ -119,8 +119,13 @@ class Trainer:
             from peft import LoraConfig, get_peft_model
 
             lc = cfg.model.lora
-            model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                     target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+            # lora_A starts random: draw it from run.seed, so every process (and a one-process run of the same
+            # config) starts from the same adapter. Unseeded, the draw depended on what had used torch's
+            # generator before (the launcher, the engine set-up): 2 processes started elsewhere than one.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(r.seed)
+                model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                         target_modules=lc.target_modules, task_type="CAUSAL_LM"))
         if cfg.model.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):   # transformers >= 5.2x; the old name warns
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -1,5 +1,9 @@
 """Worker for the engine tests: `torchrun --nproc_per_node N tests/scale/engine_worker.py ENGINE OVERRIDES_JSON`.
 
+OVERRIDES_JSON: one run's key=value list, or a list of such lists: several runs one after the other in the
+same processes (the tests amortise the start-up of torch, transformers and DeepSpeed over their cases);
+accelerate's per-run state is reset between them, the process group is kept.
+
 ENGINE: ddp (accelerate's CPU path), fsdp2, zero2 or zero3. accelerate takes its FSDP and DeepSpeed paths only
 for GPU-like process types. For FSDP2 this test-only shim marks the CPU process group as such before the
 Accelerator is built, then builds the FSDP2 plugin from the shipped scale/accelerate_configs/fsdp2.yaml, so
@@ -38,9 +42,10 @@ def fsdp2_accelerator(mixed_precision: str = "no"):
     return Accelerator(cpu=True, mixed_precision=mixed_precision)
 
 
-def deepspeed_accelerator(stage: int):
-    """The Accelerator `accelerate launch --config_file scale/accelerate_configs/zero{stage}.yaml` would build
-    (without its mixed precision: the tests compare float32 runs)."""
+def deepspeed_accelerator(stage: int, mixed_precision: str = "no"):
+    """The Accelerator `accelerate launch --config_file scale/accelerate_configs/zero{stage}.yaml` would build,
+    with the run's mixed precision (the file's bf16 is what a launch on GPUs gets; the parity tests compare
+    float32 runs)."""
     import os
 
     import yaml
@@ -58,24 +63,38 @@ def deepspeed_accelerator(stage: int):
             name = "ZERO3_INIT" if key == "zero3_init_flag" else "ZERO3_SAVE_16BIT_MODEL"
             os.environ[f"ACCELERATE_DEEPSPEED_{name}"] = str(ds[key]).lower()
     PartialState(backend="gloo")   # the shim: without a GPU and without cpu=True accelerate picks no backend
-    return Accelerator()
+    return Accelerator(mixed_precision=mixed_precision)
 
 
-def main(engine: str, overrides: list[str]) -> None:
+def run(engine: str, overrides: list[str]) -> None:
     from scale.config import load_config
-    from scale.train import Trainer, _end_distributed
+    from scale.train import Trainer
 
     cfg = load_config(None, overrides)
-    acc = fsdp2_accelerator(cfg.run.mixed_precision) if engine == "fsdp2" else \
-        deepspeed_accelerator(int(engine[-1])) if engine.startswith("zero") else None
+    mp = cfg.run.mixed_precision
+    acc = fsdp2_accelerator(mp) if engine == "fsdp2" else \
+        deepspeed_accelerator(int(engine[-1]), mp) if engine.startswith("zero") else None
     tr = Trainer(cfg, accelerator=acc)
+    tr.train()
+    # what the policy returns to the losses (PPO ratios, DPO margins); a sharded forward runs on every rank
+    mb = tr.collate(tr.method.rows(tr, 0, {})[:1])
+    lp, _ = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"])
+    if tr.acc.is_main_process:
+        (Path(cfg.run.output_dir) / "logp_dtype.txt").write_text(str(lp.dtype))
+
+
+def main(engine: str, overrides: list) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    from scale.train import _end_distributed
+
+    runs = overrides if overrides and isinstance(overrides[0], list) else [overrides]
     try:
-        tr.train()
-        # what the policy returns to the losses (PPO ratios, DPO margins); a sharded forward runs on every rank
-        mb = tr.collate(tr.method.rows(tr, 0, {})[:1])
-        lp, _ = tr.policy(mb["input_ids"], mb["attention_mask"], mb["score_mask"])
-        if tr.acc.is_main_process:
-            (Path(cfg.run.output_dir) / "logp_dtype.txt").write_text(str(lp.dtype))
+        for i, ov in enumerate(runs):
+            if i:   # a fresh accelerate state (engine plugin, mixed precision) for the next run, same processes
+                AcceleratorState._reset_state()
+                GradientState._reset_state()
+            run(engine, ov)
     finally:
         _end_distributed()
 
