@@ -1,5 +1,5 @@
 """Benchmark: generation under FSDP2 and ZeRO-3 with the parameters gathered once per generation batch
-(`scale.generation.gathered`, what the trainer does) against the engines' own per-forward gathering.
+(`scale.gather.gathered`, what the trainer does) against the engines' own per-forward gathering.
 
 Run: `python -m experiments.bench_gather [--reps 10] [--new 32] [--hidden 256] [--layers 8] [--engines
 fsdp2,zero3] [--out FILE.json]`. For each engine, 2 CPU processes (torchrun, gloo, one thread each) build the
@@ -8,7 +8,7 @@ trainer on a random Qwen2 model of the given size through the test-only shim of 
 tokens, 4 samples each, exactly `--new` new tokens: EOS is held back so every rank runs the same number of
 forwards) in two ways, alternating which goes first in each repetition:
 
-* once: inside `scale.generation.gathered`: FSDP2 unshards every unit once and keeps it unsharded for the
+* once: inside `scale.gather.gathered`: FSDP2 unshards every unit once and keeps it unsharded for the
   batch; ZeRO-3 gathers every parameter once and lifts the engine's per-module fetch / release hooks;
 * per-forward: what the engine does by itself. FSDP2: only the root unit (embedding, final norm, head, which
   `generate` on the inner model would otherwise meet sharded) is unsharded for the batch; every decoder block
