@@ -84,7 +84,10 @@ CASES = [pytest.param("sft", "sft", 1, {}, marks=pytest.mark.slow),
          pytest.param("hpt", "rl", 2, {"method.hpt.gamma": 0.5}, marks=pytest.mark.slow),
          pytest.param("sft_dpo", "joint", 1, {"method.joint.schedule": "maxright", "method.joint.k": 1},
                       marks=pytest.mark.slow),
-         pytest.param("luffy", "rl", 2, {}, marks=pytest.mark.slow)]
+         pytest.param("luffy", "rl", 2, {}, marks=pytest.mark.slow),
+         pytest.param("srft", "rl", 2, {}, marks=pytest.mark.slow),
+         pytest.param("hpt", "rl", 2, {"method.hpt.variant": "code", "method.hpt.gamma": 0.5}, marks=pytest.mark.slow),
+         pytest.param("rl", "rl", 2, {"generation.backend": "ptlab"}, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("method,data,base_procs,extra", CASES)
