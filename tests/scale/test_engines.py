@@ -87,7 +87,8 @@ CASES = [pytest.param("sft", "sft", 1, {}, marks=pytest.mark.slow),
          pytest.param("luffy", "rl", 2, {}, marks=pytest.mark.slow),
          pytest.param("srft", "rl", 2, {}, marks=pytest.mark.slow),
          pytest.param("hpt", "rl", 2, {"method.hpt.variant": "code", "method.hpt.gamma": 0.5}, marks=pytest.mark.slow),
-         pytest.param("rl", "rl", 2, {"generation.backend": "ptlab"}, marks=pytest.mark.slow)]
+         pytest.param("rl", "rl", 2, {"generation.backend": "ptlab"}, marks=pytest.mark.slow),
+         pytest.param("sft_dpo", "joint", 1, {"method.joint.schedule": "mix"}, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("method,data,base_procs,extra", CASES)
@@ -120,7 +121,13 @@ ZERO_CASES = [pytest.param("zero2", "sft", "sft", 1, {}, marks=pytest.mark.slow)
               pytest.param("zero2", "hpt", "rl", 2, {"method.hpt.gamma": 0.5}, marks=pytest.mark.slow),
               pytest.param("zero3", "sft_dpo", "joint", 1, {"method.joint.schedule": "maxright", "method.joint.k": 1},
                            marks=pytest.mark.slow),
-              pytest.param("zero3", "srft", "rl", 2, {}, marks=pytest.mark.slow)]
+              pytest.param("zero3", "srft", "rl", 2, {}, marks=pytest.mark.slow),
+              pytest.param("zero3", "luffy", "rl", 2, {}, marks=pytest.mark.slow),
+              pytest.param("zero2", "luffy", "rl", 2, {}, marks=pytest.mark.slow),
+              pytest.param("zero2", "srft", "rl", 2, {}, marks=pytest.mark.slow),
+              pytest.param("zero2", "sft_dpo", "joint", 1, {"method.joint.schedule": "maxright", "method.joint.k": 1},
+                           marks=pytest.mark.slow),
+              pytest.param("zero3", "sft_dpo", "joint", 1, {"method.joint.schedule": "mix"}, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("engine,method,data,base_procs,extra", ZERO_CASES)
@@ -292,6 +299,22 @@ def test_deepspeed_bf16_returns_float32_logprobs(world, tmp_path, engine):
         assert {v.dtype for v in saved.values()} == {torch.float32}, m
         assert any(bool((v != v.bfloat16().float()).any()) for v in saved.values()), m
         _reloads(tmp_path / m / "final", saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_lora_with_bf16_mixed_precision_trains_and_saves_its_adapter(world, tmp_path, engine):
+    """LoRA with run.mixed_precision=bf16 under a sharded engine: float32 log-probs, finite losses, and an adapter
+    in final/ whose lora_B (zero at the start) moved."""
+    ov = {"model.dtype": "float32", "run.cpu": True, "run.mixed_precision": "bf16", "run.save_model": True,
+          "model.lora.enabled": True}
+    _launch(engine, 2, [base_overrides(world, m, DATA[m], tmp_path / m, **ov) for m in ("sft", "rl")])
+    for m in ("sft", "rl"):
+        assert (tmp_path / m / "logp_dtype.txt").read_text() == "torch.float32", m
+        losses = [r["loss"] for r in read_metrics(tmp_path / m) if "loss" in r]
+        assert len(losses) == 2 and all(v == v for v in losses), m
+        saved = load_file(str(tmp_path / m / "final" / "adapter_model.safetensors"))
+        assert max(float(v.abs().max()) for k, v in saved.items() if "lora_B" in k) > 0, m
 
 
 JOINT = {"alright": {"method.joint.schedule": "alright"},
