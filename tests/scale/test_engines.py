@@ -281,6 +281,19 @@ def test_lora_matches_one_process(world, tmp_path, lora_baselines, engine):
             assert min(norms[0]) > extra["run.max_grad_norm"] and norms[1] == pytest.approx(norms[0], rel=1e-4), m
 
 
+def _bf16_runs(engine: str, world, tmp_path, **extra) -> tuple[str, ...]:
+    """SFT and GRPO with run.mixed_precision=bf16 in one launch of `engine`; checks float32 log-probs and two
+    finite losses each, and returns the methods (their output folder names)."""
+    ov = {"model.dtype": "float32", "run.cpu": True, "run.mixed_precision": "bf16", "run.save_model": True, **extra}
+    methods = ("sft", "rl")
+    _launch(engine, 2, [base_overrides(world, m, DATA[m], tmp_path / m, **ov) for m in methods])
+    for m in methods:
+        assert (tmp_path / m / "logp_dtype.txt").read_text() == "torch.float32", m
+        losses = [r["loss"] for r in read_metrics(tmp_path / m) if "loss" in r]
+        assert len(losses) == 2 and all(v == v for v in losses), m
+    return methods
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_deepspeed_bf16_returns_float32_logprobs(world, tmp_path, engine):
@@ -289,12 +302,7 @@ def test_deepspeed_bf16_returns_float32_logprobs(world, tmp_path, engine):
     (finite losses), and final/ holds the float32 masters (model.dtype), not the bf16 working copy: some saved
     values are not representable in bf16, and the saved model reloads."""
     import deepspeed  # noqa: F401
-    ov = {"model.dtype": "float32", "run.cpu": True, "run.mixed_precision": "bf16", "run.save_model": True}
-    _launch(engine, 2, [base_overrides(world, m, DATA[m], tmp_path / m, **ov) for m in ("sft", "rl")])
-    for m in ("sft", "rl"):
-        assert (tmp_path / m / "logp_dtype.txt").read_text() == "torch.float32", m
-        losses = [r["loss"] for r in read_metrics(tmp_path / m) if "loss" in r]
-        assert len(losses) == 2 and all(v == v for v in losses), m
+    for m in _bf16_runs(engine, world, tmp_path):
         saved = load_file(str(tmp_path / m / "final" / "model.safetensors"))
         assert {v.dtype for v in saved.values()} == {torch.float32}, m
         assert any(bool((v != v.bfloat16().float()).any()) for v in saved.values()), m
@@ -306,13 +314,7 @@ def test_deepspeed_bf16_returns_float32_logprobs(world, tmp_path, engine):
 def test_lora_with_bf16_mixed_precision_trains_and_saves_its_adapter(world, tmp_path, engine):
     """LoRA with run.mixed_precision=bf16 under a sharded engine: float32 log-probs, finite losses, and an adapter
     in final/ whose lora_B (zero at the start) moved."""
-    ov = {"model.dtype": "float32", "run.cpu": True, "run.mixed_precision": "bf16", "run.save_model": True,
-          "model.lora.enabled": True}
-    _launch(engine, 2, [base_overrides(world, m, DATA[m], tmp_path / m, **ov) for m in ("sft", "rl")])
-    for m in ("sft", "rl"):
-        assert (tmp_path / m / "logp_dtype.txt").read_text() == "torch.float32", m
-        losses = [r["loss"] for r in read_metrics(tmp_path / m) if "loss" in r]
-        assert len(losses) == 2 and all(v == v for v in losses), m
+    for m in _bf16_runs(engine, world, tmp_path, **{"model.lora.enabled": True}):
         saved = load_file(str(tmp_path / m / "final" / "adapter_model.safetensors"))
         assert max(float(v.abs().max()) for k, v in saved.items() if "lora_B" in k) > 0, m
 
