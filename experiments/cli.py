@@ -76,6 +76,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut (default; as the trainer's rollouts)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                   help="hf: model.generate (default); vllm: vLLM's offline engine (a GPU machine with vllm)")
     p.add_argument("--reward", nargs="+", default=["math"],
                    help="math | exact | module:function, or several (summed; default math)")
     p.add_argument("--reward-weights", nargs="+", type=float, help="one weight per --reward (default all 1)")
@@ -93,7 +95,7 @@ def _eval_run(a: argparse.Namespace) -> int:
     r = evaluate(a.model, a.data, n=a.n, ks=a.k, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                  max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, reward=reward,
                  reward_weights=a.reward_weights, chat_template=a.chat_template, limit=a.limit, seed=a.seed,
-                 out=a.out, samples=a.samples)
+                 out=a.out, samples=a.samples, backend=a.backend)
     print(json.dumps({"num_prompts": r["num_prompts"], "n": r["n"], **r["metrics"]}))
     print(f"[ptlab eval] results written to {a.out}")
     return 0

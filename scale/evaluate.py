@@ -156,6 +156,30 @@ def generate(model, tokenizer, prompts: list[str], n: int = 1, temperature: floa
     return out
 
 
+def _vllm_engine(model, seed: int):
+    """vLLM's offline engine on a model folder (it needs a GPU: not run on ptlab's CPU machines)."""
+    if not isinstance(model, (str, Path)):
+        raise ValueError("backend: 'vllm' loads the model itself: pass a model folder, not a loaded model")
+    try:
+        from vllm import LLM
+    except ImportError:
+        raise ValueError("backend: 'vllm' is not installed (pip install vllm, on a GPU machine); use 'hf'") from None
+    return LLM(model=str(model), seed=seed)
+
+
+def generate_vllm(llm, tokenizer, prompts: list[str], n: int, temperature: float, top_p: float,
+                  max_new_tokens: int, top_k: int = 0) -> list[list[str]]:
+    """What `generate` returns, sampled by vLLM: the prompts go in as the same token ids (no special tokens
+    added), greedy (temperature 0) decodes once per prompt and repeats it n times."""
+    from vllm import SamplingParams
+
+    reps = n if temperature > 0 else 1
+    sp = SamplingParams(n=reps, temperature=temperature, top_p=top_p, top_k=top_k or -1, max_tokens=max_new_tokens)
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    outs = llm.generate([{"prompt_token_ids": p} for p in ids], sp, use_tqdm=False)
+    return [[o.text for o in out.outputs] * (n // reps) for out in outs]
+
+
 def _load_model(model, tokenizer):
     """(model, tokenizer) from a path / hub name, or a loaded model with its tokenizer."""
     import torch
@@ -183,12 +207,12 @@ def evaluate(model, data: str | Path, *, tokenizer=None, n: int = 1, ks: list[in
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
              batch_size: int = 8,
              reward: str | list = "math", reward_weights: list[float] | None = None, threshold: float = 0.5,
-             chat_template: bool = False, limit: int | None = None,
+             chat_template: bool = False, limit: int | None = None, backend: str = "hf",
              seed: int = 0, out: str | Path | None = None, samples: str | Path | None = None) -> dict:
     """Sample, grade and score a benchmark; returns the results dict (written to `out` if given).
 
     `model` is a folder / hub name or a loaded model (then pass `tokenizer`); `ks` defaults to the
-    powers of two up to n.
+    powers of two up to n. `backend`: hf (`model.generate`) or vllm (vLLM's offline engine on a model folder).
     """
     import torch
 
@@ -197,15 +221,25 @@ def evaluate(model, data: str | Path, *, tokenizer=None, n: int = 1, ks: list[in
     ks = sorted(set(ks or [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]))
     if any(not 1 <= k <= n for k in ks):
         raise ValueError(f"ks: expected values in 1..n={n}, got {ks}")
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"backend: expected 'hf' or 'vllm', got {backend!r}")
     reward_fn = load_rewards(reward, reward_weights, key="reward")
-    model, tokenizer = _load_model(model, tokenizer)
+    if backend == "vllm":
+        llm = _vllm_engine(model, seed)
+        from transformers import AutoTokenizer
+
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
+    else:
+        model, tokenizer = _load_model(model, tokenizer)
     rows = load_benchmark(data, tokenizer, chat_template=chat_template, limit=limit)
     if rows:
         reward_fn.check(rows[0]["columns"])
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    completions = generate(model, tokenizer, [r["prompt"] for r in rows], n=n, temperature=temperature,
-                           top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, top_k=top_k)
+    prompts = [r["prompt"] for r in rows]
+    completions = generate_vllm(llm, tokenizer, prompts, n, temperature, top_p, max_new_tokens, top_k) \
+        if backend == "vllm" else generate(model, tokenizer, prompts, n=n, temperature=temperature, top_p=top_p,
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size, top_k=top_k)
     ids = [tokenizer(comps, add_special_tokens=False)["input_ids"] for comps in completions]
     per_prompt = grade(rows, completions, reward_fn, n, threshold, completion_ids=ids)
     metrics = metrics_of(per_prompt, n, ks)

@@ -122,6 +122,20 @@ def test_greedy_is_deterministic(tmp_path, tiny):
     assert comps[0] == comps[1] and set(r["metrics"]) == {"pass@1", "pass@2", "avg@2", "all_fail"}
 
 
+
+def test_backend_errors_name_the_argument(tmp_path, tiny):
+    """The vllm backend loads a model folder itself; without vllm installed (this machine) it says so, naming
+    `backend`; an unknown backend is refused."""
+    import importlib.util
+
+    f = tmp_path / "b.jsonl"
+    f.write_text(json.dumps({"prompt": "What is 3 + 4?\n", "answer": "7"}) + "\n")
+    with pytest.raises(ValueError, match="backend"):
+        evaluate(tiny, f, backend="sglang")
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ValueError, match="backend: 'vllm' is not installed"):
+            evaluate(str(tiny), f, backend="vllm")
+
 def test_metrics_per_level_and_role():
     """metrics_of groups by the records' level and role; each group's numbers are its own prompts' means."""
     from scale.evaluate import metrics_of
