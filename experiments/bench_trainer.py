@@ -1,6 +1,7 @@
 """Step time and peak memory of ptlab's trainer against TRL's, side by side, on the tiny model on CPU.
 
-    python -m experiments.bench_trainer [--steps 12] [--rounds 5] [--threads 1]
+    python -m experiments.bench_trainer [--steps 12] [--rounds 5] [--threads 1] [--methods grpo sft]
+        [--size tiny|100m] [--lengths world|varied]
 
 Identical settings on both sides: the same local tiny Qwen2 (toy.tiny) and data (toy.tasks), one process,
 fp32, no gradient checkpointing, the same optimizer (AdamW, constant lr; fused, as transformers' Trainer
@@ -36,6 +37,13 @@ sampler and SFT are at the 1.5x goal, SFT with a wide spread between rounds; GRP
 (1.2x), since generation, the same code on both sides, is about 60% of its step. Before this round of work
 (the trainer at commit b18eab2, interleaved in the same harness) the ratios were GRPO 1.14x / 1.18x and
 SFT 1.25x / 1.13x, memory 0.97-0.98.
+
+At about 100M parameters, SFT only (`--methods sft --size 100m --lengths varied --steps 4 --rounds 3 --threads 2`;
+lengths mean 110 tokens, median 110, p10 59, p90 160, max 263; 440 s):
+  sft ptlab           wall 10.88 s/step, peak RSS 4192 MB; speed 1.07x [0.92-1.16], peak memory ptlab/TRL 0.87
+  sft ptlab[packed]   wall  6.57 s/step, peak RSS 3137 MB; speed 1.73x [1.70-1.77], peak memory ptlab/TRL 0.65
+  sft trl             wall 11.39 s/step, peak RSS 4826 MB
+(`ptlab[packed]`: run.padding_free and run.group_by_length; TRL's SFTTrainer with its default padded batches.)
 """
 
 from __future__ import annotations
@@ -71,13 +79,35 @@ def _current_rss_mb() -> float:
     return float("nan")
 
 
-def _world(root: Path) -> dict:
+# --size 100m: a random Qwen2 of about 100M parameters on the tiny tokenizer (hidden 768, 12 layers, 12 heads,
+# 4 KV heads, MLP 2048), the size of the issue's comparison; --lengths varied: SFT completions of varied length
+# (each world completion repeated 1 + Poisson(4) times, seeded), cut at max_length 512
+SIZES = {"tiny": {}, "100m": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
+                                  intermediate_size=2048, max_positions=1024)}
+
+
+def _world(root: Path, size: str = "tiny", lengths: str = "world") -> dict:
+    import random
+
     from toy.tasks import write_datasets
     from toy.tiny import save_tiny_model
 
     paths = dict(write_datasets(root / "data", n_train=256, n_test=4))
-    paths["model"] = save_tiny_model(root / "model")
-    return {k: str(v) for k, v in paths.items()}
+    paths["model"] = save_tiny_model(root / "model", **SIZES[size])
+    paths["max_length"] = SETTINGS["max_length"]
+    if lengths == "varied":
+        import numpy as np
+
+        rng, rows = np.random.default_rng(0), []
+        for line in Path(paths["sft"]).read_text().splitlines():
+            ex = json.loads(line)
+            ex["completion"] = " ".join([ex["completion"]] * (1 + int(rng.poisson(4))))
+            rows.append(ex)
+        random.Random(0).shuffle(rows)
+        paths["sft"] = root / "data" / "sft_varied.jsonl"
+        paths["sft"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths["max_length"] = 512
+    return {k: str(v) if isinstance(v, Path) else v for k, v in paths.items()}
 
 
 def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "hf") -> dict:
@@ -87,7 +117,7 @@ def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "h
     s = SETTINGS
     ov = [f"model.path={world['model']}", "run.cpu=true", f"run.output_dir={out}", f"run.max_steps={steps}",
           "run.progress=false", "run.save_model=false", f"run.lr={s['lr']}", "run.tensorboard=false",
-          f"data.max_length={s['max_length']}", "data.shuffle=false"]
+          f"data.max_length={world['max_length']}", "data.shuffle=false"]
     if method == "grpo":
         ov += ["method.name=rl", "method.rl.estimator=grpo", f"data.path={world['rl']}",
                "method.rl.reward=experiments.bench_trainer:parity_reward", f"run.batch_size={s['prompts']}",
@@ -95,6 +125,8 @@ def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "h
                "generation.temperature=1.0", "generation.top_p=1.0", f"generation.backend={backend}"]
     else:
         ov += ["method.name=sft", f"data.path={world['sft']}", f"run.batch_size={s['sft_batch']}"]
+        if backend == "packed":   # the SFT run's variant: padding-free, length-grouped micro-batches
+            ov += ["run.padding_free=true", "run.group_by_length=true"]
     tr = Trainer(load_config(None, ov))
     base = _current_rss_mb()
     times, cpu, gen = [], [], []
@@ -142,7 +174,7 @@ def run_trl(method: str, world: dict, steps: int, out: Path) -> dict:
         from trl import SFTConfig, SFTTrainer
 
         ds = datasets.load_dataset("json", data_files=world["sft"], split="train")
-        cfg = SFTConfig(**common, per_device_train_batch_size=s["sft_batch"], max_length=s["max_length"],
+        cfg = SFTConfig(**common, per_device_train_batch_size=s["sft_batch"], max_length=world["max_length"],
                         packing=False, completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
     base = _current_rss_mb()
@@ -163,10 +195,12 @@ def _worker(which: str, method: str, world: dict, steps: int, threads: int, back
 
 # (label, trainer, method, ptlab generation backend)
 RUNS = [("grpo ptlab[hf]", "ptlab", "grpo", "hf"), ("grpo ptlab[ptlab]", "ptlab", "grpo", "ptlab"),
-        ("grpo trl", "trl", "grpo", ""), ("sft ptlab", "ptlab", "sft", ""), ("sft trl", "trl", "sft", "")]
+        ("grpo trl", "trl", "grpo", ""), ("sft ptlab", "ptlab", "sft", ""),
+        ("sft ptlab[packed]", "ptlab", "sft", "packed"), ("sft trl", "trl", "sft", "")]
 PAIRS = [("grpo", "grpo ptlab[hf]", "model.generate on both sides"),
          ("grpo", "grpo ptlab[ptlab]", "ptlab's sampler (scale/sampling.py) vs TRL's model.generate"),
-         ("sft", "sft ptlab", "")]
+         ("sft", "sft ptlab", "padded micro-batches on both sides"),
+         ("sft", "sft ptlab[packed]", "ptlab padding-free and length-grouped vs TRL's padded batches")]
 
 
 def _one(run, world, a) -> dict:
@@ -190,24 +224,36 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds: every run once per round")
+    ap.add_argument("--size", choices=tuple(SIZES), default="tiny", help="model size (default tiny)")
+    ap.add_argument("--lengths", choices=("world", "varied"), default="world", help="SFT completion lengths")
+    ap.add_argument("--methods", nargs="+", choices=("grpo", "sft"), default=["grpo", "sft"])
     ap.add_argument("--worker", nargs=4, metavar=("WHICH", "METHOD", "WORLD_JSON", "BACKEND"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         which, method, world, backend = a.worker
         print("RESULT " + json.dumps(_worker(which, method, json.loads(world), a.steps, a.threads, backend)))
         return 0
-    res: dict[str, list[dict]] = {run[0]: [] for run in RUNS}
+    runs = [run for run in RUNS if run[2] in a.methods]
+    res: dict[str, list[dict]] = {run[0]: [] for run in runs}
     with tempfile.TemporaryDirectory() as root:
-        world = _world(Path(root))
+        world = _world(Path(root), a.size, a.lengths)
+        if a.lengths == "varied":
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(world["model"])
+            n = sorted(min(len(tok(json.loads(x)["prompt"] + json.loads(x)["completion"])["input_ids"]),
+                           world["max_length"]) for x in Path(world["sft"]).read_text().splitlines())
+            print(f"SFT lengths (tokens, cut at {world['max_length']}): mean {statistics.mean(n):.0f}, median "
+                  f"{n[len(n) // 2]}, p10 {n[len(n) // 10]}, p90 {n[9 * len(n) // 10]}, max {n[-1]}")
         for k in range(a.rounds):  # A/B interleaved; the order flips each round so drift in load cancels
-            for run in (RUNS if k % 2 == 0 else RUNS[::-1]):
+            for run in (runs if k % 2 == 0 else runs[::-1]):
                 try:
                     res[run[0]].append(_one(run, world, a))
                 except RuntimeError as e:
                     print(e)
                     return 1
-    print(f"tiny model on CPU, one process, {a.threads} thread(s), {a.steps} steps per run (median after 2 warm-up), "
-          f"{a.rounds} interleaved rounds; settings {SETTINGS}")
+    print(f"{a.size} model on CPU, one process, {a.threads} thread(s), {a.steps} steps per run (median after 2 "
+          f"warm-up), {a.rounds} interleaved rounds; settings {SETTINGS}, max_length {world['max_length']}")
     print(f"{'run':18s} {'wall s/step':>12s} {'CPU s/step':>11s} {'peak RSS MB':>12s} {'RSS growth MB':>14s} "
           f"{'rows s/step':>12s}")
     for label, rs in res.items():
@@ -217,7 +263,7 @@ def main(argv=None) -> int:
         print(f"{label:18s} {med['wall']:12.4f} {med['cpu']:11.4f} {med['peak']:12.1f} {med['grow']:14.1f} "
               f"{med['gen']:12.4f}")
     print("speed = TRL step time / ptlab step time, per round (paired), median [min-max]; goal >= 1.5x, memory <= 1")
-    for method, ours, note in PAIRS:
+    for method, ours, note in [q for q in PAIRS if q[0] in a.methods]:
         trl = f"{method} trl"
         out = []
         for key, name in (("step_s", "wall"), ("cpu_s", "CPU")):
