@@ -1,4 +1,4 @@
-"""Step time and peak memory of ptlab's trainer against TRL's, side by side, on the tiny model on CPU.
+"""Step time and peak memory of ptlab's trainer against TRL's, side by side, on CPU: the tiny model or a ~100M one.
 
     python -m experiments.bench_trainer [--steps 12] [--rounds 5] [--threads 1] [--methods grpo sft]
         [--size tiny|100m] [--lengths world|varied]
