@@ -59,7 +59,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = dict(prompts=8, n=4, max_new_tokens=32, sft_batch=16, max_length=128, lr=1e-4)
+SETTINGS = dict(prompts=8, n=4, max_new_tokens=32, sft_batch=16, dpo_batch=8, max_length=128, lr=1e-4, beta=0.1)
 
 
 def parity_reward(completions, answers=None, **_):
@@ -80,8 +80,8 @@ def _current_rss_mb() -> float:
 
 
 # --size 100m: a random Qwen2 of about 100M parameters on the tiny tokenizer (hidden 768, 12 layers, 12 heads,
-# 4 KV heads, MLP 2048), the size of the issue's comparison; --lengths varied: SFT completions of varied length
-# (each world completion repeated 1 + Poisson(4) times, seeded), cut at max_length 512
+# 4 KV heads, MLP 2048), the size of the issue's comparison; --lengths varied: SFT completions and DPO answers of
+# varied length (each world completion repeated 1 + Poisson(4) times, seeded), cut at max_length 512
 SIZES = {"tiny": {}, "100m": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
                                   intermediate_size=2048, max_positions=1024)}
 
@@ -98,14 +98,16 @@ def _world(root: Path, size: str = "tiny", lengths: str = "world") -> dict:
     if lengths == "varied":
         import numpy as np
 
-        rng, rows = np.random.default_rng(0), []
-        for line in Path(paths["sft"]).read_text().splitlines():
-            ex = json.loads(line)
-            ex["completion"] = " ".join([ex["completion"]] * (1 + int(rng.poisson(4))))
-            rows.append(ex)
-        random.Random(0).shuffle(rows)
-        paths["sft"] = root / "data" / "sft_varied.jsonl"
-        paths["sft"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rng = np.random.default_rng(0)
+        for kind, cols in (("sft", ("completion",)), ("dpo", ("chosen", "rejected"))):
+            rows = []
+            for line in Path(paths[kind]).read_text().splitlines():
+                ex = json.loads(line)
+                ex.update({c: " ".join([ex[c]] * (1 + int(rng.poisson(4)))) for c in cols})
+                rows.append(ex)
+            random.Random(0).shuffle(rows)
+            paths[kind] = root / "data" / f"{kind}_varied.jsonl"
+            paths[kind].write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths["max_length"] = 512
     return {k: str(v) if isinstance(v, Path) else v for k, v in paths.items()}
 
@@ -124,8 +126,10 @@ def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "h
                f"generation.n={s['n']}", f"generation.max_new_tokens={s['max_new_tokens']}",
                "generation.temperature=1.0", "generation.top_p=1.0", f"generation.backend={backend}"]
     else:
-        ov += ["method.name=sft", f"data.path={world['sft']}", f"run.batch_size={s['sft_batch']}"]
-        if backend == "packed":   # the SFT run's variant: padding-free, length-grouped micro-batches
+        ov += [f"method.name={method}", f"data.path={world[method]}", f"run.batch_size={s[method + '_batch']}"]
+        if method == "dpo":
+            ov += [f"method.dpo.beta={s['beta']}"]
+        if backend == "packed":   # the SFT / DPO run's variant: padding-free, length-grouped micro-batches
             ov += ["run.padding_free=true", "run.group_by_length=true"]
     tr = Trainer(load_config(None, ov))
     base = _current_rss_mb()
@@ -170,6 +174,13 @@ def run_trl(method: str, world: dict, steps: int, out: Path) -> dict:
                          loss_type="grpo", num_iterations=1, shuffle_dataset=False)
         trainer = GRPOTrainer(model=model, reward_funcs=parity_reward, args=cfg, train_dataset=ds,
                               processing_class=tok, callbacks=[Timer()])
+    elif method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        ds = datasets.load_dataset("json", data_files=world["dpo"], split="train")
+        cfg = DPOConfig(**common, per_device_train_batch_size=s["dpo_batch"], max_length=world["max_length"],
+                        beta=s["beta"], loss_type="sigmoid")
+        trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
     else:
         from trl import SFTConfig, SFTTrainer
 
@@ -196,11 +207,15 @@ def _worker(which: str, method: str, world: dict, steps: int, threads: int, back
 # (label, trainer, method, ptlab generation backend)
 RUNS = [("grpo ptlab[hf]", "ptlab", "grpo", "hf"), ("grpo ptlab[ptlab]", "ptlab", "grpo", "ptlab"),
         ("grpo trl", "trl", "grpo", ""), ("sft ptlab", "ptlab", "sft", ""),
-        ("sft ptlab[packed]", "ptlab", "sft", "packed"), ("sft trl", "trl", "sft", "")]
+        ("sft ptlab[packed]", "ptlab", "sft", "packed"), ("sft trl", "trl", "sft", ""),
+        ("dpo ptlab", "ptlab", "dpo", ""), ("dpo ptlab[packed]", "ptlab", "dpo", "packed"),
+        ("dpo trl", "trl", "dpo", "")]
 PAIRS = [("grpo", "grpo ptlab[hf]", "model.generate on both sides"),
          ("grpo", "grpo ptlab[ptlab]", "ptlab's sampler (scale/sampling.py) vs TRL's model.generate"),
          ("sft", "sft ptlab", "padded micro-batches on both sides"),
-         ("sft", "sft ptlab[packed]", "ptlab padding-free and length-grouped vs TRL's padded batches")]
+         ("sft", "sft ptlab[packed]", "ptlab padding-free and length-grouped vs TRL's padded batches"),
+         ("dpo", "dpo ptlab", "padded micro-batches on both sides; reference log-probs computed every step on both"),
+         ("dpo", "dpo ptlab[packed]", "ptlab padding-free and length-grouped vs TRL's padded batches")]
 
 
 def _one(run, world, a) -> dict:
@@ -226,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds: every run once per round")
     ap.add_argument("--size", choices=tuple(SIZES), default="tiny", help="model size (default tiny)")
     ap.add_argument("--lengths", choices=("world", "varied"), default="world", help="SFT completion lengths")
-    ap.add_argument("--methods", nargs="+", choices=("grpo", "sft"), default=["grpo", "sft"])
+    ap.add_argument("--methods", nargs="+", choices=("grpo", "sft", "dpo"), default=["grpo", "sft"])
     ap.add_argument("--worker", nargs=4, metavar=("WHICH", "METHOD", "WORLD_JSON", "BACKEND"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -241,10 +256,12 @@ def main(argv=None) -> int:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(world["model"])
-            n = sorted(min(len(tok(json.loads(x)["prompt"] + json.loads(x)["completion"])["input_ids"]),
-                           world["max_length"]) for x in Path(world["sft"]).read_text().splitlines())
-            print(f"SFT lengths (tokens, cut at {world['max_length']}): mean {statistics.mean(n):.0f}, median "
-                  f"{n[len(n) // 2]}, p10 {n[len(n) // 10]}, p90 {n[9 * len(n) // 10]}, max {n[-1]}")
+            for kind, cols in (("sft", ("completion",)), ("dpo", ("chosen", "rejected"))):
+                exs = [json.loads(x) for x in Path(world[kind]).read_text().splitlines()]
+                n = sorted(min(len(tok(e["prompt"] + e[c])["input_ids"]), world["max_length"]) for e in exs
+                           for c in cols)
+                print(f"{kind} row lengths (tokens, cut at {world['max_length']}): mean {statistics.mean(n):.0f}, "
+                      f"median {n[len(n) // 2]}, p10 {n[len(n) // 10]}, p90 {n[9 * len(n) // 10]}, max {n[-1]}")
         for k in range(a.rounds):  # A/B interleaved; the order flips each round so drift in load cancels
             for run in (runs if k % 2 == 0 else runs[::-1]):
                 try:
