@@ -72,7 +72,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from experiments.fig_xright import COLOR, LABEL, LAMS, METHODS, SEQ, WORLD  # noqa: E402
+from experiments.fig_xright import COLOR, LABEL, LAMS, METHODS, SEQ, WORLD, mean  # noqa: E402
 from experiments.registry import FigureResult, figure, save_figure  # noqa: E402
 from experiments.verdicts import grade  # noqa: E402
 from theory.forgetting import LogLinearProblem, alright_rate_bound, run_schedule, sequential_lower_bound  # noqa: E402
@@ -105,15 +105,14 @@ def tangent_features(model, tok, prompts: list[str], completions: list[str], dir
     import torch
 
     from scale.data import IGNORE, tokenize_pairs
+    from scale.logprobs import reference_logprobs
 
     params = list(model.parameters())
     out = np.empty((len(prompts), dirs.shape[1] + 1))
     for i, row in enumerate(tokenize_pairs(prompts, completions, tok, MAX_LENGTH)):
         ids = torch.tensor([row["input_ids"]])
-        labels = torch.tensor(row["labels"][1:])
-        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
-        keep = labels != IGNORE
-        lp = logp[keep].gather(1, labels[keep, None]).sum()
+        scored = torch.tensor([row["labels"]]) != IGNORE
+        lp = reference_logprobs(model, ids, torch.ones_like(ids), scored).sum()
         grad = torch.cat([g.reshape(-1).double() for g in torch.autograd.grad(lp, params)])
         out[i, :-1] = (grad @ dirs).numpy()
         out[i, -1] = lp.item()
@@ -128,7 +127,7 @@ def world_features(world: Path = WORLD) -> dict[str, dict]:
 
     from toy.world import worked_of
 
-    model = AutoModelForCausalLM.from_pretrained(world / "base", torch_dtype=torch.float64).eval()
+    model = AutoModelForCausalLM.from_pretrained(world / "base", dtype=torch.float64).eval()
     tok = AutoTokenizer.from_pretrained(world / "base")
     dirs = directions(model)
     feats = {}
@@ -242,17 +241,13 @@ def convex_verdict(inst: dict[tuple, float], meas: dict[tuple, float]) -> tuple[
     return grade([claims["A_best_agrees_at_2_lams"], claims["B_spearman_at_least_0.5"]]), claims
 
 
-def _mean(d: dict[int, float]) -> float:
-    return float(np.mean(list(d.values())))
-
-
 def build(out: Path, feats: dict) -> FigureResult:
     """The figure from the four sets' features (`world_features`) and the measured record in `out`."""
-    meas = {k: _mean(v) for k, v in measured(out).items()}
+    meas = {k: mean(v) for k, v in measured(out).items()}
     train = problem(feats["train_sft"], feats["train_pref"])
     test = problem(feats["test_sft"], feats["test_pref"])
     inst = instance_runs(train, test)
-    pred = {k: _mean(v) for k, v in inst["distance"].items()}
+    pred = {k: mean(v) for k, v in inst["distance"].items()}
     cert = certificates(train, inst)
     held, claims = convex_verdict(pred, meas)
 

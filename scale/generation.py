@@ -29,9 +29,7 @@ class Generator:
         g = self.cfg.generation
         if self.vllm is not None and not greedy and (max_new_tokens or g.max_new_tokens) == g.max_new_tokens:
             self.vllm.push(self.model_fn(), root, self.acc)   # parameter by parameter: no whole-model gather
-            rows = [self._cut(row) for row in self.vllm.generate(prompts, n)]
-            self.rollout_logprobs = [lp[:len(r)] for lp, r in zip(self.vllm.rollout_logprobs, rows)]
-            return rows
+            return self._cut_sampled(self.vllm.generate(prompts, n), self.vllm.rollout_logprobs)
         self.rollout_logprobs = None
         with gathered(root, self.acc):
             return self._generate(prompts, n, max_new_tokens, greedy)
@@ -53,9 +51,7 @@ class Generator:
                 steps = []
                 new = generate_ids(model, ids, mask, n, max_new, self.tok.eos_token_id, self.tok.pad_token_id,
                                    temperature=g.temperature, top_p=g.top_p, logprobs=steps)
-                rows = [self._cut(row) for row in new.tolist()]
-                self.rollout_logprobs = [lp[:len(r)] for lp, r in zip(torch.stack(steps, 1).tolist(), rows)]
-                return rows
+                return self._cut_sampled(new.tolist(), torch.stack(steps, 1).tolist())
             sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if greedy else \
                 {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k}
             new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
@@ -64,6 +60,12 @@ class Generator:
             return [self._cut(row) for row in new.tolist()]
         finally:
             model.train(was_training)
+
+    def _cut_sampled(self, rows: list[list[int]], logprobs: list[list[float]]) -> list[list[int]]:
+        """`_cut` each row, and keep the sampler's log-probs of the kept tokens as `rollout_logprobs`."""
+        rows = [self._cut(row) for row in rows]
+        self.rollout_logprobs = [lp[:len(r)] for lp, r in zip(logprobs, rows)]
+        return rows
 
     def _cut(self, row: list[int]) -> list[int]:
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id

@@ -38,14 +38,11 @@ class Reference:
         for rw, lp in zip(rows, self.token_logps(rows)):
             rw.ref_logp = float(lp.sum())
 
-    def precompute(self, pref) -> None:
+    def precompute(self, pref) -> None:   # pref: a scale.token_store.TokenData
         """Store each pair's reference log-probs in the examples, then free the reference model."""
         from scale.methods.dpo import pair_rows
 
         for i in range(len(pref)):
             rows = pair_rows(self.tr, [i], data=pref)
-            if hasattr(pref, "set_ref_logps"):   # scale.token_store.TokenData: kept beside the mapped arrays
-                pref.set_ref_logps(i, rows[0].ref_logp, rows[1].ref_logp)
-            else:
-                pref[i]["ref_chosen_logp"], pref[i]["ref_rejected_logp"] = rows[0].ref_logp, rows[1].ref_logp
+            pref.set_ref_logps(i, rows[0].ref_logp, rows[1].ref_logp)   # kept beside the mapped arrays
         self.model = None

@@ -81,7 +81,8 @@ def train_base(out_dir: str | Path, recipe: Recipe = Recipe(), log_every: int = 
     """Build the tokenizer and model, train them per `recipe` and save both to `out_dir`.
 
     Loss: mean next-token cross-entropy over the completion tokens (and the closing eos) of each
-    batch; the prompt tokens are context only. Returns {"seconds", "final_loss"}.
+    batch; the prompt tokens are context only. Returns {"seconds", "final_loss", "recipe", "cpu_kernels"}
+    (also written to ptlab_recipe.json).
     """
     if _needs_pinned_kernels():
         return _train_in_child(out_dir, recipe, log_every)

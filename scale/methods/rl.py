@@ -13,7 +13,7 @@ from scale.loss import Row, Terms, rl_estimator
 from scale.methods import Method, register
 
 KL_KEYS = ("kl_coef", "kl_estimator", "kl_placement", "kl_aggregation", "kl_bias_correction")
-# estimator options the trainer cannot feed: the sampler's own log-probs, a quantile over the whole step
+# estimator options the trainer cannot feed: a quantile over the whole step
 NOT_IN_TRAINER = {"top_entropy_quantile": 1.0}
 SAMPLER_LOGPROBS = ("ptlab", "vllm")   # generation backends that record each sampled token's log-prob
 
@@ -82,7 +82,9 @@ def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, wit
     parts: dict = {}
     rewards = tr.rewards(texts, answers, [i for i in idx for _ in range(n_gen)], f"step {step + 1}",
                          completion_ids=comps, parts=parts)
-    sampled_lp = tr.generator.rollout_logprobs or [None] * len(comps)   # the sampler's, where it records them
+    # the sampler's log-probs, carried only when the rollout correction reads them (collate builds a tensor of them)
+    corrected = tr.terms.rl.rollout_correction != "none"
+    sampled_lp = (corrected and tr.generator.rollout_logprobs) or [None] * len(comps)
     rows: list[Row] = []
     for q, e in enumerate(exs):
         for k in range(n_gen):
