@@ -68,7 +68,11 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = dict(prompts=8, n=4, max_new_tokens=32, sft_batch=16, dpo_batch=8, max_length=128, lr=1e-4, beta=0.1)
+SETTINGS = dict(prompts=8, n=4, max_new_tokens=32, sft_batch=16, dpo_batch=8, max_length=128, lr=1e-4, beta=0.1,
+                grpo_lr=1e-6)
+# GRPO's step time follows the sampled lengths, and at lr 1e-4 they drifted within a few steps, differently in each
+# run (the total tokens of a step fell from ~1300 to ~700 in one ptlab run at 100M, not in another): at 1e-6 both
+# sides keep sampling from (nearly) the initial model, and each reports its mean completion length
 
 
 def parity_reward(completions, answers=None, **_):
@@ -130,17 +134,29 @@ def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "h
           "run.progress=false", "run.save_model=false", f"run.lr={s['lr']}", "run.tensorboard=false",
           f"data.max_length={world['max_length']}", "data.shuffle=false"]
     if method == "grpo":
-        ov += ["method.name=rl", "method.rl.estimator=grpo", f"data.path={world['rl']}",
+        ov += ["method.name=rl", "method.rl.estimator=grpo", f"data.path={world['rl']}", f"run.lr={s['grpo_lr']}",
                "method.rl.reward=experiments.bench_trainer:parity_reward", f"run.batch_size={s['prompts']}",
                f"generation.n={s['n']}", f"generation.max_new_tokens={s['max_new_tokens']}",
-               "generation.temperature=1.0", "generation.top_p=1.0", f"generation.backend={backend}"]
+               "generation.temperature=1.0", "generation.top_p=1.0",
+               f"generation.backend={'hf' if backend == 'hf' else 'ptlab'}"]
     else:
         ov += [f"method.name={method}", f"data.path={world[method]}", f"run.batch_size={s[method + '_batch']}"]
         if method == "dpo":
             ov += [f"method.dpo.beta={s['beta']}"]
-        if backend == "packed":   # the SFT / DPO run's variant: padding-free, length-grouped micro-batches
-            ov += ["run.padding_free=true", "run.group_by_length=true"]
+    if backend in ("packed", "shared"):   # padding-free, length-grouped micro-batches
+        ov += ["run.padding_free=true", "run.group_by_length=true"]
+    if backend == "shared":               # ... holding each prompt once per micro-batch
+        ov += ["run.share_prefix=true"]
     tr = Trainer(load_config(None, ov))
+    lengths = []   # mean completion tokens per step (RL: what the sampler drew)
+    rows_fn = tr.method.rows
+
+    def rows(t, step, info):
+        out = rows_fn(t, step, info)
+        lengths.append(statistics.mean(len(r.input_ids) - r.prompt_len for r in out))
+        return out
+
+    tr.method.rows = rows
     base = _current_rss_mb()
     times, cpu, gen = [], [], []
     for step in range(steps):
@@ -149,7 +165,7 @@ def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "h
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         gen.append(m.get("generation_time", 0.0))  # build_rows: generation, decoding, rewards (SFT: the batch's rows)
-    return {"times": times, "cpu": cpu, "gen": gen, "rss_before": base, "peak_rss": _rss_mb()}
+    return {"times": times, "cpu": cpu, "gen": gen, "rss_before": base, "peak_rss": _rss_mb(), "lengths": lengths}
 
 
 def run_trl(method: str, world: dict, steps: int, out: Path) -> dict:
@@ -159,6 +175,7 @@ def run_trl(method: str, world: dict, steps: int, out: Path) -> dict:
     s = SETTINGS
     times: list[float] = []
     cpu: list[float] = []
+    lengths: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -167,10 +184,13 @@ def run_trl(method: str, world: dict, steps: int, out: Path) -> dict:
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
             cpu.append(time.process_time() - self.c0)
+            if method == "grpo":   # read before the trainer's final log clears its metrics
+                lengths.append(trainer._metrics["train"]["completions/mean_length"][-1])
 
     tok = AutoTokenizer.from_pretrained(world["model"])
     model = AutoModelForCausalLM.from_pretrained(world["model"], dtype="float32")
-    common = dict(output_dir=str(out), max_steps=steps, learning_rate=s["lr"], lr_scheduler_type="constant",
+    common = dict(output_dir=str(out), max_steps=steps, learning_rate=s["grpo_lr" if method == "grpo" else "lr"],
+                  lr_scheduler_type="constant",
                   use_cpu=True, bf16=False, fp16=False, report_to="none", logging_steps=10**6, save_strategy="no",
                   gradient_checkpointing=False, seed=0, dataloader_num_workers=0, max_grad_norm=1.0,
                   weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999)
@@ -199,7 +219,7 @@ def run_trl(method: str, world: dict, steps: int, out: Path) -> dict:
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()])
     base = _current_rss_mb()
     trainer.train()
-    return {"times": times, "cpu": cpu, "rss_before": base, "peak_rss": _rss_mb()}
+    return {"times": times, "cpu": cpu, "rss_before": base, "peak_rss": _rss_mb(), "lengths": lengths}
 
 
 def _worker(which: str, method: str, world: dict, steps: int, threads: int, backend: str) -> dict:
@@ -215,12 +235,14 @@ def _worker(which: str, method: str, world: dict, steps: int, threads: int, back
 
 # (label, trainer, method, ptlab generation backend)
 RUNS = [("grpo ptlab[hf]", "ptlab", "grpo", "hf"), ("grpo ptlab[ptlab]", "ptlab", "grpo", "ptlab"),
-        ("grpo trl", "trl", "grpo", ""), ("sft ptlab", "ptlab", "sft", ""),
+        ("grpo ptlab[shared]", "ptlab", "grpo", "shared"), ("grpo trl", "trl", "grpo", ""),
+        ("sft ptlab", "ptlab", "sft", ""),
         ("sft ptlab[packed]", "ptlab", "sft", "packed"), ("sft trl", "trl", "sft", ""),
         ("dpo ptlab", "ptlab", "dpo", ""), ("dpo ptlab[packed]", "ptlab", "dpo", "packed"),
         ("dpo trl", "trl", "dpo", "")]
 PAIRS = [("grpo", "grpo ptlab[hf]", "model.generate on both sides"),
          ("grpo", "grpo ptlab[ptlab]", "ptlab's sampler (scale/sampling.py) vs TRL's model.generate"),
+         ("grpo", "grpo ptlab[shared]", "ptlab's sampler, padding-free update holding each prompt once"),
          ("sft", "sft ptlab", "padded micro-batches on both sides"),
          ("sft", "sft ptlab[packed]", "ptlab padding-free and length-grouped vs TRL's padded batches"),
          ("dpo", "dpo ptlab", "padded micro-batches on both sides; reference log-probs computed every step on both"),
@@ -240,6 +262,7 @@ def _one(run, world, a) -> dict:
     r["step_s"] = statistics.median(r["times"][2:] or r["times"])
     r["cpu_s"] = statistics.median(r["cpu"][2:] or r["cpu"])
     r["gen_s"] = statistics.median(r["gen"][2:] or r["gen"]) if "gen" in r else float("nan")
+    r["len"] = statistics.mean(r["lengths"][2:] or r["lengths"]) if r["lengths"] else float("nan")
     return r
 
 
@@ -281,13 +304,14 @@ def main(argv=None) -> int:
     print(f"{a.size} model on CPU, one process, {a.threads} thread(s), {a.steps} steps per run (median after 2 "
           f"warm-up), {a.rounds} interleaved rounds; settings {SETTINGS}, max_length {world['max_length']}")
     print(f"{'run':18s} {'wall s/step':>12s} {'CPU s/step':>11s} {'peak RSS MB':>12s} {'RSS growth MB':>14s} "
-          f"{'rows s/step':>12s}")
+          f"{'rows s/step':>12s} {'completion':>10s}")
     for label, rs in res.items():
         med = {k: statistics.median(f(r) for r in rs) for k, f in (("wall", lambda r: r["step_s"]),
                ("cpu", lambda r: r["cpu_s"]), ("peak", lambda r: r["peak_rss"]),
-               ("grow", lambda r: r["peak_rss"] - r["rss_before"]), ("gen", lambda r: r["gen_s"]))}
+               ("grow", lambda r: r["peak_rss"] - r["rss_before"]), ("gen", lambda r: r["gen_s"]),
+               ("len", lambda r: r["len"]))}
         print(f"{label:18s} {med['wall']:12.4f} {med['cpu']:11.4f} {med['peak']:12.1f} {med['grow']:14.1f} "
-              f"{med['gen']:12.4f}")
+              f"{med['gen']:12.4f} {med['len']:10.1f}")
     print("speed = TRL step time / ptlab step time, per round (paired), median [min-max]; goal >= 1.5x, memory <= 1")
     for method, ours, note in [q for q in PAIRS if q[0] in a.methods]:
         trl = f"{method} trl"

@@ -168,6 +168,8 @@ class RunConfig:
     #                                   (less padding; the same loss and gradient: losses use global counts)
     padding_free: bool = False        # each micro-batch as one packed row, position ids restarting per example
     #                                   (no pad tokens at all; needs a model whose attention follows position ids)
+    share_prefix: bool = False        # with padding_free: rows that start with the same context (an RL prompt's
+    #                                   samples, a DPO pair) hold it once in the packed row (scale.logprobs)
     save_every: int = 100             # checkpoint every k steps (0: only at the end and on SIGTERM / SIGINT)
     resume: bool | str = False        # false: a new run | true: continue from the newest checkpoint | auto: either
     overwrite: bool = False           # a new run may replace another run's files in output_dir (removed first)
@@ -177,6 +179,11 @@ class RunConfig:
     tensorboard: bool = True          # when tensorboard is installed
     report_to: list[str] = field(default_factory=list)   # more trackers through accelerate: wandb, trackio, mlflow, ...
     save_model: bool = True           # save the final model (save_pretrained) into output_dir/final
+
+    @property
+    def packing(self) -> str:
+        """The micro-batch layout scale.logprobs.policy_logps takes: none | rows | prefix."""
+        return "prefix" if self.share_prefix else "rows" if self.padding_free else "none"
 
 
 RULES = ("full", "target_only", "global_subset", "blockwise_subset", "layerwise_subset", "projection")
@@ -452,6 +459,9 @@ class Config:
         if self.model.lora.enabled and not self.model.lora.target_modules:
             raise ValueError("model.lora.target_modules: LoRA needs at least one module name")
         _validate_datareg(self)
+        if r.share_prefix and not r.padding_free:
+            raise ValueError("run.share_prefix: packs shared prefixes into padding-free rows; "
+                             "set run.padding_free=true")
         if self.datareg.update_rule != "full":
             for key in ("group_by_length", "padding_free"):
                 if getattr(r, key):

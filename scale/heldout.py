@@ -162,7 +162,7 @@ class HeldOut:
         for lo in range(0, len(rows), B):
             chunk = rows[lo:lo + B]
             mb = collate(chunk, t.tok.pad_token_id, t.acc.device)
-            lp, _ = policy_logps(t.acc.unwrap_model(t.policy), mb, t.cfg.run.padding_free, with_entropy=False)
+            lp, _ = policy_logps(t.acc.unwrap_model(t.policy), mb, t.cfg.run.packing, with_entropy=False)
             out += [(float(lp[i].double().sum()), rw.n_scored) for i, rw in enumerate(chunk)]
         return out
 

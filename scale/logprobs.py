@@ -35,6 +35,17 @@ is [S, S] and sdpa then attends over all S positions, so on CPU the trainer swit
 the same values, attention costing the sum of the rows' squared lengths, and padded batches (generation)
 passed to sdpa unchanged.
 
+Shared prefixes (`run.share_prefix`, ours): rows that start with the same context, such as the n samples of one
+RL prompt or the two answers of a DPO pair, hold it once in the packed row. The first row of a group is packed
+whole; every other row of the group only from its last context token on, with its true position ids, so it
+starts at a position c > 0. `_packed_attention` reads such an example as the continuation of the first c tokens
+of the last example that started at 0: it attends to their keys and values, then causally to its own. Each row
+then sees exactly the tokens it sees alone, so every scored log-prob and, since the loss is a sum over rows,
+every gradient equals the padded one up to rounding (the shared positions' states receive the sum of their
+rows' gradients, as their separate copies did). The last context token is repeated in every row because its
+hidden state predicts that row's first scored token. This needs `_packed_attention`: transformers' own packed
+paths take only position 0 as an example's start.
+
 Shapes: input_ids, attention_mask, score_mask [B, T]. score_mask[i, t] is True when token t of row i
 is scored given tokens < t (so score_mask[:, 0] must be False). Returns logp [B, T] and entropy [B, T] or
 None, with 0 where score_mask is False.
@@ -175,30 +186,67 @@ class Policy(nn.Module):
                                         use_cache=False).last_hidden_state
 
 
-def pack(mb: dict) -> dict:
-    """A right-padded micro-batch (input_ids, attention_mask, score_mask [B, T]) as one packed row [1, S]:
-    the real tokens row after row, position ids restarting at 0 per row, and the score mask."""
+def pack(mb: dict, share_prefix: bool = False) -> dict:
+    """A right-padded micro-batch (input_ids, attention_mask, score_mask [B, T]) as one packed row [1, S]: the
+    real tokens row after row, position ids restarting at 0 per row, the score mask, and `index` (the (row,
+    column) of each packed token, for `unpack`).
+
+    With `share_prefix`, rows that begin with the same unscored context (RL samples of one prompt, a DPO pair)
+    hold it once: the first such row is packed whole; each later one only from the last context token on, with
+    its true positions (so its first position is > 0). `_packed_attention` reads that as "attends to the first
+    positions of the last row that started at 0, then to itself" (module doc, "Shared prefixes")."""
     att = mb["attention_mask"].bool()
     if not is_right_padded(att):
         raise ValueError("pack: the micro-batch is not right-padded")
-    pos = torch.arange(att.shape[1], device=att.device).expand_as(att)
-    return {"input_ids": mb["input_ids"][att][None], "position_ids": pos[att][None],
-            "score_mask": mb["score_mask"][att][None], "mask": att}
+    lens = att.sum(1).tolist()
+    starts = [0] * len(lens)
+    order = list(range(len(lens)))
+    if share_prefix:
+        order, starts = _share(mb["input_ids"], mb["score_mask"], lens)
+    rows = torch.cat([torch.full((lens[i] - starts[i],), i) for i in order]).to(att.device)
+    cols = torch.cat([torch.arange(starts[i], lens[i]) for i in order]).to(att.device)
+    return {"input_ids": mb["input_ids"][rows, cols][None], "position_ids": cols[None],
+            "score_mask": mb["score_mask"][rows, cols][None], "index": (rows, cols), "shape": att.shape}
 
 
-def unpack(x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
-    """Values of a packed row [1, S] back in the padded layout [B, T] of mask `att` (0 on the padding)."""
-    return x.new_zeros(att.shape).masked_scatter(att, x[0])
+def _share(input_ids: torch.Tensor, score_mask: torch.Tensor, lens: list[int]) -> tuple[list[int], list[int]]:
+    """Packing order and first packed column per row: a row whose context before its last unscored token
+    (c = first scored column - 1 tokens; a row with nothing scored counts all but its last) equals an earlier
+    row's starts at column c and goes right after the first row that has it (its root). c = 0: packed whole."""
+    ids, score = input_ids.cpu(), score_mask.cpu()
+    first = torch.where(score.any(1), score.float().argmax(1), torch.tensor(lens)).tolist()
+    groups: dict[tuple, list[int]] = {}
+    starts = [0] * len(lens)
+    for i, n in enumerate(lens):
+        c = min(first[i], n) - 1
+        key = (c, *ids[i, :c].tolist()) if c > 0 else (i, "alone")
+        if key in groups:
+            starts[i] = c
+        groups.setdefault(key, []).append(i)
+    return [i for g in groups.values() for i in g], starts
 
 
-def policy_logps(model, mb: dict, padding_free: bool = False, **kw):
+def unpack(x: torch.Tensor, p: dict) -> torch.Tensor:
+    """Values of a packed row [1, S] back in the padded layout of `pack`'s micro-batch ([B, T], 0 on the padding
+    and on a shared prefix's columns of the rows that did not hold it: those are never scored)."""
+    return x.new_zeros(p["shape"]).index_put(p["index"], x[0])
+
+
+PACKING = ("none", "rows", "prefix")
+
+
+def policy_logps(model, mb: dict, packing: str | bool = "none", **kw):
     """(logp, entropy or None) [B, T] of a collated micro-batch under `model` (a `Policy`, or the prepared
-    module wrapping one), computed on the padded batch or, with `padding_free`, on its packed row (module doc)."""
-    if not padding_free:
+    module wrapping one), computed on the padded batch ("none", False), on its packed row ("rows", True:
+    `run.padding_free`), or packed with shared prefixes held once ("prefix": `run.share_prefix`; module doc)."""
+    packing = {False: "none", True: "rows"}.get(packing, packing)
+    if packing not in PACKING:
+        raise ValueError(f"packing: expected one of {PACKING}, got {packing!r}")
+    if packing == "none":
         return model(mb["input_ids"], mb["attention_mask"], mb["score_mask"], **kw)
-    p = pack(mb)
+    p = pack(mb, share_prefix=packing == "prefix")
     lp, ent = model(p["input_ids"], None, p["score_mask"], position_ids=p["position_ids"], **kw)
-    return unpack(lp, p["mask"]), (unpack(ent, p["mask"]) if ent is not None else None)
+    return unpack(lp, p), (unpack(ent, p) if ent is not None else None)
 
 
 PACKED_ATTENTION = "ptlab_packed"
@@ -207,17 +255,27 @@ PACKED_ATTENTION = "ptlab_packed"
 _last_segments: tuple = (None, None)   # (weak reference to a position_ids tensor, its segments)
 
 
-def _segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, end) of each row of a packed row [1, S]: a new row wherever the position does not go up by 1.
-    Every layer gets the same position_ids tensor: the segments are read once per forward (on a GPU, one sync)."""
+def _segments(position_ids: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """(start, end, prefix start, prefix length) of each example of a packed row [1, S]: a new example wherever
+    the position does not go up by 1. One starting at position 0 has no prefix; one starting at position c > 0
+    continues the first c tokens of the last example that started at 0 (a shared prefix, `pack`). Every layer
+    gets the same position_ids tensor: the segments are read once per forward (on a GPU, one sync)."""
     global _last_segments
     ref, seg = _last_segments
     if ref is not None and ref() is position_ids:
         return seg
     pos = position_ids[0]
-    starts = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten().add(1).tolist()
-    bounds = [0, *starts, pos.shape[0]]
-    seg = list(zip(bounds[:-1], bounds[1:]))
+    cut = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten().add(1).tolist()
+    bounds = [0, *cut, pos.shape[0]]
+    first = pos[bounds[:-1]].tolist()
+    seg, root, root_len = [], 0, 0
+    for a, b, c in zip(bounds[:-1], bounds[1:], first):
+        if c == 0:
+            root, root_len = a, b - a
+        elif c > root_len:
+            raise ValueError(f"packed row: an example starts at position {c}, past the end of the example it "
+                             f"continues ({root_len} tokens)")
+        seg.append((a, b, root, c))
     _last_segments = (weakref.ref(position_ids), seg)
     return seg
 
@@ -226,14 +284,21 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
                       **kw):
     """sdpa, but a packed row (batch 1, no mask, position ids restarting: module doc) attends one example at a
     time, each with sdpa's causal kernel, as its padded row would: no [S, S] mask, and attention costs the sum of
-    the rows' squared lengths instead of the square of their total. Anything else goes to sdpa unchanged."""
+    the rows' squared lengths instead of the square of their total. An example that continues a shared prefix
+    attends to the prefix's keys, then causally to its own. Anything else goes to sdpa unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if (attention_mask is None and position_ids is not None and query.shape[0] == 1
             and query.shape[2] == key.shape[2] == position_ids.shape[-1]):
-        parts = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                        dropout=dropout, scaling=scaling, **kw)[0]
-                 for a, b in _segments(position_ids)]
+        parts = []
+        for a, b, r, c in _segments(position_ids):
+            k, v, mask = key[:, :, a:b], value[:, :, a:b], None
+            if c:
+                k = torch.cat([key[:, :, r:r + c], k], 2)
+                v = torch.cat([value[:, :, r:r + c], v], 2)
+                mask = torch.ones(b - a, c + b - a, dtype=torch.bool, device=query.device).tril(c)[None, None]
+            parts.append(sdpa_attention_forward(module, query[:, :, a:b], k, v, mask, dropout=dropout,
+                                                scaling=scaling, **kw)[0])
         return torch.cat(parts, 1), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
 
@@ -269,23 +334,28 @@ def use_packed_attention(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def packing_error(model: nn.Module) -> float:
+def packing_error(model: nn.Module, shared: bool = False) -> float:
     """How far a model's hidden states on two rows packed into one (position ids restarting, no mask) are
     from those of each row alone: max |difference| / max |value|. Near rounding when the attention follows the
-    position ids; of order 1 when the second row attends to the first."""
+    position ids; of order 1 when the second row attends to the first. `shared`: the second row starts with the
+    first one's 3 tokens and is packed as their continuation (`pack` with share_prefix)."""
     dec = model.get_decoder()
     p = next(dec.parameters())
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randint(0, vocab, (1, n), generator=g).to(p.device) for n in (7, 5))
+    first = 0
+    if shared:
+        b, first = torch.cat([a[:, :3], b], 1), 2   # b alone is 8 tokens; packed from its column 2 on
     was = dec.training
     dec.eval()
     try:
-        pos = torch.cat([torch.arange(7), torch.arange(5)])[None].to(p.device)
-        packed = dec(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).last_hidden_state
+        pos = torch.cat([torch.arange(7), torch.arange(first, b.shape[1])])[None].to(p.device)
+        packed = dec(input_ids=torch.cat([a, b[:, first:]], 1), position_ids=pos, use_cache=False).last_hidden_state
         alone = torch.cat([dec(input_ids=x, use_cache=False).last_hidden_state for x in (a, b)], 1)
     finally:
         dec.train(was)
+    alone = torch.cat([alone[:, :7], alone[:, 7 + first:]], 1)
     return float((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-30))
 
 

@@ -28,9 +28,9 @@ class Reference:
             kw = dict(temperature=temp, with_entropy=False)
             if self.model is None:
                 with tr._model().disable_adapter():
-                    lp, _ = policy_logps(tr.acc.unwrap_model(tr.policy), mb, r.padding_free, **kw)
+                    lp, _ = policy_logps(tr.acc.unwrap_model(tr.policy), mb, r.packing, **kw)
             else:
-                lp, _ = policy_logps(self.model, mb, r.padding_free, **kw)
+                lp, _ = policy_logps(self.model, mb, r.packing, **kw)
             out += [lp[i, rw.prompt_len:len(rw.input_ids)].double().cpu() for i, rw in enumerate(chunk)]
         return out
 

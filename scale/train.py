@@ -168,9 +168,14 @@ class Trainer:
 
     def _check_packing(self, model) -> None:
         """run.padding_free: the model's hidden states on packed rows equal those of the rows alone (a model
-        whose attention ignores the position ids would let rows attend to each other). Skipped where the
-        weights are not all here yet (ZeRO-3 partitions, FSDP's meta-device loading)."""
+        whose attention ignores the position ids would let rows attend to each other); with run.share_prefix,
+        also those of a row that continues a shared prefix. Skipped where the weights are not all here yet
+        (ZeRO-3 partitions, FSDP's meta-device loading)."""
         impl = getattr(model.config, "_attn_implementation", None)
+        share = self.cfg.run.share_prefix
+        if share and impl != PACKED_ATTENTION:
+            raise ValueError(f"run.share_prefix: needs ptlab's per-example attention, which replaces sdpa only; "
+                             f"this model's attention is {impl!r} (README, 'Padding')")
         if not str(impl).startswith("flash") and impl != PACKED_ATTENTION and _is_main():
             print(f"ptlab train: note: run.padding_free with attention {impl!r} builds a block-diagonal mask over "
                   "each packed micro-batch, so attention costs grow with the square of its total tokens (on CPU "
@@ -178,12 +183,13 @@ class Trainer:
                   "row on its own", file=sys.stderr, flush=True)
         if self._zero3() or any(p.device.type == "meta" for p in model.parameters()):
             return
-        err = packing_error(model)
         tol = 1e-2 if self._dtype() in (torch.bfloat16, torch.float16) else 1e-4
-        if not err <= tol:
-            raise ValueError(f"run.padding_free: {type(model).__name__} (attention {impl!r}) does not keep packed "
-                             f"rows apart: hidden states differ from unpacked ones by {err:.3g} (relative); use "
-                             "run.group_by_length instead")
+        for key, shared in (("run.padding_free", False), ("run.share_prefix", True))[:1 + share]:
+            err = packing_error(model, shared=shared)
+            if not err <= tol:
+                raise ValueError(f"{key}: {type(model).__name__} (attention {impl!r}) does not keep packed rows "
+                                 f"apart: hidden states differ from unpacked ones by {err:.3g} (relative); use "
+                                 "run.group_by_length instead")
 
     def _make_reference(self, model):
         m = self.cfg.model
@@ -335,7 +341,7 @@ class Trainer:
                 loss, st = self.datareg.backward(mb_rows, norms, j, r.grad_accum)
             else:
                 with self.acc.accumulate(self.policy):
-                    lp, ent = policy_logps(self.policy, mb, r.padding_free, temperature=self.cfg.generation.temperature,
+                    lp, ent = policy_logps(self.policy, mb, r.packing, temperature=self.cfg.generation.temperature,
                                            **self.entropy_args())
                     loss, st = micro_loss(lp, ent, mb, self.terms, norms)
                     self.acc.backward(loss * scale)
@@ -401,7 +407,7 @@ class Trainer:
         r = self.cfg.run
         for mb_rows in split_rows(rows, max(1, len(rows) // 8), r.group_by_length):
             mb = self.collate(mb_rows)
-            lp, _ = policy_logps(self.policy, mb, r.padding_free, temperature=self.cfg.generation.temperature,
+            lp, _ = policy_logps(self.policy, mb, r.packing, temperature=self.cfg.generation.temperature,
                                  with_entropy=False)
             for i, rw in enumerate(mb_rows):
                 rw.old_logp = lp[i, rw.prompt_len:len(rw.input_ids)].double().tolist()

@@ -89,7 +89,7 @@ class Joint(Method):
             r = self.cfg.run
             for mb_rows in split_rows(rows, r.grad_accum, r.group_by_length):
                 mb = tr.collate(mb_rows)
-                lp, ent = policy_logps(tr.policy, mb, r.padding_free, with_entropy=False)
+                lp, ent = policy_logps(tr.policy, mb, r.packing, with_entropy=False)
                 total += float(micro_loss(lp, ent, mb, terms, norms)[0])
             t = torch.tensor(float(total), dtype=torch.float64, device=tr.acc.device)
             vals[key] = float(tr.acc.reduce(t, "sum"))

@@ -12,7 +12,10 @@ import torch
 from tests.scale.test_invariance import _cases, _recording
 
 MODES = {"plain": {}, "grouped": {"run.group_by_length": True}, "packed": {"run.padding_free": True},
-         "grouped+packed": {"run.group_by_length": True, "run.padding_free": True}}
+         "grouped+packed": {"run.group_by_length": True, "run.padding_free": True},
+         "shared": {"run.padding_free": True, "run.share_prefix": True},
+         "grouped+shared": {"run.group_by_length": True, "run.padding_free": True, "run.share_prefix": True}}
+SHARED = ("shared", "grouped+shared")   # needs the per-example attention (transformers' sdpa ignores prefixes)
 
 
 def _trainer(world, gas, out, **run):
@@ -47,24 +50,45 @@ def _run(tr, cases, modes):
     return out
 
 
+def _norm_in_float64(monkeypatch):
+    """Qwen2's RMSNorm computes in float32 whatever the model's dtype, so gradients pass a float32 cast there.
+    With shared prefixes the rows' gradients at a shared position are summed before that cast instead of after:
+    the same step up to float32 rounding (measured ~1e-9 on gradients of scale 0.2). The tests swap in the same
+    norm computed in the input's dtype, so that float64 comparisons are held to float64 rounding."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", forward)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "per_row"])
-def test_grouped_and_packed_steps_equal_the_padded_one(world, tmp_path, attention):
+def test_grouped_and_packed_steps_equal_the_padded_one(world, tmp_path, monkeypatch, attention):
     """attention sdpa: packed rows under transformers' block-diagonal mask (the trainer built without
     run.padding_free, then switched); per_row: built with it, so the model attends one packed example at a
-    time (scale.logprobs.use_packed_attention)."""
+    time (scale.logprobs.use_packed_attention), and also packs shared prefixes once (run.share_prefix)."""
+    _norm_in_float64(monkeypatch)
     ref_tr = _trainer(world, 1, tmp_path / "a")
     ref = _run(ref_tr, _cases(ref_tr), ["plain"])
     tr = _trainer(world, 3, tmp_path / "b", **({"run.padding_free": True} if attention == "per_row" else {}))
     want = "ptlab_packed" if attention == "per_row" else "sdpa"
     assert tr._model().config._attn_implementation == want
-    got = _run(tr, _cases(tr), list(MODES))
+    modes = [m for m in MODES if attention == "per_row" or m not in SHARED]
+    if attention == "per_row":   # the shared layout does hold the prompts once (GRPO groups, DPO pairs)
+        from scale.logprobs import pack
+
+        for case in (2, 0):
+            mb = tr.collate([row for u in _cases(tr)[case][1] for row in u])
+            assert pack(mb, share_prefix=True)["input_ids"].shape[1] < int(mb["attention_mask"].sum())
+    got = _run(tr, _cases(tr), modes)
     names = {k[0] for k in ref}
     assert len(names) == 7
     for name in names:
         loss0, g0 = ref[(name, "plain")]
         scale = float(g0.abs().max())
         assert scale > 1e-4, f"{name}: zero gradient, the test could not fail"
-        for mode in MODES:
+        for mode in modes:
             loss, g = got[(name, mode)]
             assert abs(loss - loss0) <= 1e-12 * max(1.0, abs(loss0)), (name, mode, loss, loss0)
             err = float((g - g0).abs().max())
@@ -84,8 +108,8 @@ def test_controls_the_comparison_can_fail(world, tmp_path, monkeypatch, attentio
     base = _run(tr, [(name, units, terms, extra)], ["plain"])[(name, "plain")][1]
     real_pack = L.pack
 
-    def no_restart(mb):
-        p = real_pack(mb)
+    def no_restart(mb, **kw):
+        p = real_pack(mb, **kw)
         p["position_ids"] = torch.arange(p["input_ids"].shape[1])[None]
         return p
 
@@ -93,6 +117,12 @@ def test_controls_the_comparison_can_fail(world, tmp_path, monkeypatch, attentio
     leaky = _run(tr, [(name, units, terms, extra)], ["packed"])[(name, "packed")][1]
     assert float((leaky - base).abs().max()) > 1e-4
     monkeypatch.setattr(L, "pack", real_pack)
+    if attention == "per_row":   # a shared prefix that the continuing rows do not attend to
+        real_segments = L._segments
+        monkeypatch.setattr(L, "_segments", lambda pos: [(a, b, r, 0) for a, b, r, _ in real_segments(pos)])
+        blind = _run(tr, [(name, units, terms, extra)], ["shared"])[(name, "shared")][1]
+        assert float((blind - base).abs().max()) > 1e-4
+        monkeypatch.setattr(L, "_segments", real_segments)
     local = [(name, units, Terms(rl=preset("bnpo")), extra)]
     res = _run(tr, local, ["plain", "grouped"])
     assert float((res[(name, "plain")][1] - res[(name, "grouped")][1]).abs().max()) > 1e-4
@@ -118,6 +148,7 @@ def test_grouping_sorts_by_length_and_keeps_pairs():
 def test_pack_unpack_and_the_packing_probe(world):
     from transformers import AutoModelForCausalLM
 
+    import scale.logprobs as L
     from scale.logprobs import pack, packing_error, unpack, use_packed_attention
 
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
@@ -126,9 +157,25 @@ def test_pack_unpack_and_the_packing_probe(world):
     p = pack({"input_ids": ids, "attention_mask": att, "score_mask": score})
     assert p["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
     assert p["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    assert unpack(p["input_ids"], p["mask"]).tolist() == (ids * att).tolist()
+    assert unpack(p["input_ids"], p).tolist() == (ids * att).tolist()
     with pytest.raises(ValueError, match="right-padded"):
         pack({"input_ids": ids, "attention_mask": att.flip(1), "score_mask": score})
+    # shared prefixes: rows 0 and 1 share the context [5, 6] before their last unscored token (7); row 2's context
+    # is [5]; row 3 scores nothing and continues row 2 from its last token; row 4 has row 0's tokens but is scored
+    # from column 2, so its context is [5] too: it joins row 2's group, not row 0's (groups go by context)
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 9, 10], [5, 1, 2, 0, 0], [5, 1, 0, 0, 0], [5, 6, 7, 8, 0]])
+    att = (ids > 0).long()
+    score = torch.tensor([[0, 0, 0, 1, 0], [0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0] * 5, [0, 0, 1, 1, 0]]).bool()
+    p = pack({"input_ids": ids, "attention_mask": att, "score_mask": score}, share_prefix=True)
+    assert p["input_ids"].tolist() == [[5, 6, 7, 8, 7, 9, 10, 5, 1, 2, 1, 6, 7, 8]]
+    assert p["position_ids"].tolist() == [[0, 1, 2, 3, 2, 3, 4, 0, 1, 2, 1, 1, 2, 3]]
+    assert p["score_mask"].long().tolist() == [[0, 0, 0, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1]]
+    back = unpack(p["input_ids"], p)
+    assert back[:, 0].tolist() == [5, 0, 5, 0, 0]   # a continuing row's shared columns come back as 0
+    assert back[score].tolist() == ids[score].tolist()
+    assert [s[2:] for s in L._segments(p["position_ids"])] == [(0, 0), (0, 2), (7, 0), (7, 1), (7, 1)]
+    with pytest.raises(ValueError, match="starts at position 5, past the end"):
+        L._segments(torch.tensor([[0, 1, 2, 5, 6]]))
     for impl in ("sdpa", "eager", "per_row"):
         model = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float64,
                                                      attn_implementation="sdpa" if impl == "per_row" else impl)
@@ -150,6 +197,8 @@ def test_pack_unpack_and_the_packing_probe(world):
         elif impl == "eager":
             assert not use_packed_attention(model)   # only sdpa models are switched
         assert packing_error(model) < 1e-12
+        # a row continuing a shared prefix: only the per-example attention reads it (why run.share_prefix needs it)
+        assert (packing_error(model, shared=True) < 1e-12) == (impl == "per_row")
 
         class Blind(torch.nn.Module):   # a decoder that ignores position ids: packed rows see each other
             def __init__(self, dec):
@@ -175,7 +224,18 @@ def test_keys_are_validated(world, tmp_path, monkeypatch):
         load_config(None, [f"model.path={world['model']}", f"data.path={world['sft']}", "run.group_by_length=true",
                            "datareg.update_rule=target_only", "datareg.target=file",
                            f"datareg.target_path={world['sft']}", f"run.output_dir={tmp_path}"]).validate()
-    monkeypatch.setattr(train, "packing_error", lambda model: 0.5)
+    with pytest.raises(ValueError, match="run.share_prefix: .* set run.padding_free=true"):
+        load_config(None, [f"model.path={world['model']}", f"data.path={world['sft']}", "run.share_prefix=true",
+                           f"run.output_dir={tmp_path}"]).validate()
+    both = {"run.padding_free": True, "run.share_prefix": True}
+    monkeypatch.setattr(train, "use_packed_attention", lambda model: False)
+    with pytest.raises(ValueError, match="run.share_prefix: needs ptlab's per-example attention.*'sdpa'"):
+        _trainer(world, 1, tmp_path / "f", **both)
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "packing_error", lambda model, shared=False: 0.5 if shared else 0.0)
+    with pytest.raises(ValueError, match="run.share_prefix: .* does not keep packed rows apart"):
+        _trainer(world, 1, tmp_path / "g", **both)
+    monkeypatch.setattr(train, "packing_error", lambda model, shared=False: 0.5)
     with pytest.raises(ValueError, match="run.padding_free: .* does not keep packed rows apart"):
         _trainer(world, 1, tmp_path / "d", **{"run.padding_free": True})
 
@@ -192,10 +252,12 @@ def test_forward_only_paths_equal_padded(world, tmp_path, attention):
     tr.fill_old_logps(rows)
     old = [list(r.old_logp) for r in rows]
     tr.cfg.run.padding_free = tr.cfg.run.group_by_length = True
-    got = torch.cat(tr.reference.token_logps(rows))
-    tr.fill_old_logps(rows)
-    assert want.abs().max() > 1 and float((got - want).abs().max()) <= 1e-12
-    assert max(abs(a - b) for r, o in zip(rows, old) for a, b in zip(r.old_logp, o)) <= 1e-12
+    for share in [False] + [True] * (attention == "per_row"):
+        tr.cfg.run.share_prefix = share
+        got = torch.cat(tr.reference.token_logps(rows))
+        tr.fill_old_logps(rows)
+        assert want.abs().max() > 1 and float((got - want).abs().max()) <= 1e-12, share
+        assert max(abs(a - b) for r, o in zip(rows, old) for a, b in zip(r.old_logp, o)) <= 1e-12, share
 
 
 @pytest.mark.parametrize("config,data", [("tiny_sft.yaml", "sft"), ("tiny_dpo.yaml", "dpo"),
