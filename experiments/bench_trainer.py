@@ -1,17 +1,19 @@
 """Step time and peak memory of ptlab's trainer against TRL's, side by side, on CPU: the tiny model or a ~100M one.
 
     python -m experiments.bench_trainer [--steps 12] [--rounds 5] [--threads 1] [--methods grpo sft]
-        [--size tiny|100m] [--lengths world|varied]
+        [--size tiny|100m] [--lengths world|varied] [--runs LABEL ...]
 
 Identical settings on both sides: the same local tiny Qwen2 (toy.tiny) and data (toy.tasks), one process,
 fp32, no gradient checkpointing, the same optimizer (AdamW, constant lr; fused, as transformers' Trainer
 defaults to), batch, lengths and reward.
 - GRPO: 8 prompts x 4 samples, max 32 new tokens, temperature 1, top-p 1, no top-k, no KL (beta 0), TRL
   loss_type="grpo" (== preset grpo: per-sequence token mean), one update per generation batch. ptlab runs
-  twice, once per generation backend, both against the same TRL run (TRL: model.generate):
-  `ptlab[hf]` generates with model.generate as TRL does; `ptlab[ptlab]` with ptlab's own sampling loop
-  (scale/sampling.py: the same distribution, tested against generate), the same n / max_new_tokens /
-  temperature / top_p.
+  four times, all against the same TRL run (TRL: model.generate): `ptlab[hf]` generates with
+  model.generate as TRL does; `ptlab[ptlab]` with ptlab's own sampling loop (scale/sampling.py: the same
+  distribution, tested against generate), the same n / max_new_tokens / temperature / top_p; `ptlab[shared]`
+  with that sampler and a padding-free, length-grouped update that holds each prompt once per micro-batch
+  (run.share_prefix); `ptlab[lean]` the same with run.fused_mlp (gated MLPs keep fewer activations). lr 1e-6
+  on both sides (see SETTINGS), and each side's mean completion length is printed.
 - SFT: 16 prompt/completion examples per step, loss on the completion tokens, max length 128.
 Each (run, method) is its own subprocess; every run goes once per round and the order flips each round (A/B
 interleaving, so a drift in machine load hits both sides). Per run: median step time after 2 warm-up steps,
@@ -49,10 +51,16 @@ DPO at the same size (`--methods dpo`, otherwise the same; rows mean 107 tokens,
   dpo ptlab           wall 11.28 s/step, peak RSS 4574 MB; speed 1.07x [1.03-1.07], peak memory ptlab/TRL 0.94
   dpo ptlab[packed]   wall  7.25 s/step, peak RSS 3345 MB; speed 1.65x [1.52-1.66], peak memory ptlab/TRL 0.69
   dpo trl             wall 11.97 s/step, peak RSS 4810 MB
-GRPO at the same size (`--methods grpo --size 100m --steps 4 --rounds 3 --threads 2`; 354 s):
+GRPO at the same size (`--methods grpo --size 100m --steps 4 --rounds 3 --threads 2`; 354 s; lr 1e-4 then):
   grpo ptlab[hf]      wall 7.65 s/step (rows 2.89), peak RSS 2763 MB; speed 0.98x [0.89-1.00], memory 0.95
   grpo ptlab[ptlab]   wall 6.62 s/step (rows 2.32), peak RSS 2764 MB; speed 1.10x [1.03-1.15], memory 0.94
   grpo trl            wall 7.38 s/step, peak RSS 2922 MB
+The same at lr 1e-6 with the shared-prompt run (commit 07f89bf; completions 31.0-31.4 tokens on average on every
+side):
+  grpo ptlab[hf]      wall 7.20 s/step (rows 2.80), peak RSS 2761 MB; speed 0.97x [0.96-1.03], memory 0.94
+  grpo ptlab[ptlab]   wall 6.41 s/step (rows 2.39), peak RSS 2765 MB; speed 1.09x [1.08-1.11], memory 0.94
+  grpo ptlab[shared]  wall 5.89 s/step (rows 2.22), peak RSS 2465 MB; speed 1.26x [0.95-1.34], memory 0.84
+  grpo trl            wall 7.07 s/step, peak RSS 2948 MB
 """
 
 from __future__ import annotations
@@ -143,10 +151,12 @@ def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "h
         ov += [f"method.name={method}", f"data.path={world[method]}", f"run.batch_size={s[method + '_batch']}"]
         if method == "dpo":
             ov += [f"method.dpo.beta={s['beta']}"]
-    if backend in ("packed", "shared"):   # padding-free, length-grouped micro-batches
+    if backend in ("packed", "shared", "lean"):   # padding-free, length-grouped micro-batches
         ov += ["run.padding_free=true", "run.group_by_length=true"]
-    if backend == "shared":               # ... holding each prompt once per micro-batch
+    if backend in ("shared", "lean"):             # ... holding each prompt once per micro-batch
         ov += ["run.share_prefix=true"]
+    if backend == "lean":                         # ... and MLPs that keep fewer activations
+        ov += ["run.fused_mlp=true"]
     tr = Trainer(load_config(None, ov))
     lengths = []   # mean completion tokens per step (RL: what the sampler drew)
     rows_fn = tr.method.rows
@@ -235,7 +245,8 @@ def _worker(which: str, method: str, world: dict, steps: int, threads: int, back
 
 # (label, trainer, method, ptlab generation backend)
 RUNS = [("grpo ptlab[hf]", "ptlab", "grpo", "hf"), ("grpo ptlab[ptlab]", "ptlab", "grpo", "ptlab"),
-        ("grpo ptlab[shared]", "ptlab", "grpo", "shared"), ("grpo trl", "trl", "grpo", ""),
+        ("grpo ptlab[shared]", "ptlab", "grpo", "shared"), ("grpo ptlab[lean]", "ptlab", "grpo", "lean"),
+        ("grpo trl", "trl", "grpo", ""),
         ("sft ptlab", "ptlab", "sft", ""),
         ("sft ptlab[packed]", "ptlab", "sft", "packed"), ("sft trl", "trl", "sft", ""),
         ("dpo ptlab", "ptlab", "dpo", ""), ("dpo ptlab[packed]", "ptlab", "dpo", "packed"),
@@ -243,6 +254,7 @@ RUNS = [("grpo ptlab[hf]", "ptlab", "grpo", "hf"), ("grpo ptlab[ptlab]", "ptlab"
 PAIRS = [("grpo", "grpo ptlab[hf]", "model.generate on both sides"),
          ("grpo", "grpo ptlab[ptlab]", "ptlab's sampler (scale/sampling.py) vs TRL's model.generate"),
          ("grpo", "grpo ptlab[shared]", "ptlab's sampler, padding-free update holding each prompt once"),
+         ("grpo", "grpo ptlab[lean]", "the same with run.fused_mlp"),
          ("sft", "sft ptlab", "padded micro-batches on both sides"),
          ("sft", "sft ptlab[packed]", "ptlab padding-free and length-grouped vs TRL's padded batches"),
          ("dpo", "dpo ptlab", "padded micro-batches on both sides; reference log-probs computed every step on both"),
@@ -274,13 +286,15 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=tuple(SIZES), default="tiny", help="model size (default tiny)")
     ap.add_argument("--lengths", choices=("world", "varied"), default="world", help="SFT completion lengths")
     ap.add_argument("--methods", nargs="+", choices=("grpo", "sft", "dpo"), default=["grpo", "sft"])
+    ap.add_argument("--runs", nargs="+", choices=[r[0] for r in RUNS], help="only these runs (default: every run "
+                    "of the methods; a ptlab run is compared with its method's TRL run, which must be among them)")
     ap.add_argument("--worker", nargs=4, metavar=("WHICH", "METHOD", "WORLD_JSON", "BACKEND"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         which, method, world, backend = a.worker
         print("RESULT " + json.dumps(_worker(which, method, json.loads(world), a.steps, a.threads, backend)))
         return 0
-    runs = [run for run in RUNS if run[2] in a.methods]
+    runs = [run for run in RUNS if run[2] in a.methods and (not a.runs or run[0] in a.runs)]
     res: dict[str, list[dict]] = {run[0]: [] for run in runs}
     with tempfile.TemporaryDirectory() as root:
         world = _world(Path(root), a.size, a.lengths)
@@ -313,7 +327,7 @@ def main(argv=None) -> int:
         print(f"{label:18s} {med['wall']:12.4f} {med['cpu']:11.4f} {med['peak']:12.1f} {med['grow']:14.1f} "
               f"{med['gen']:12.4f} {med['len']:10.1f}")
     print("speed = TRL step time / ptlab step time, per round (paired), median [min-max]; goal >= 1.5x, memory <= 1")
-    for method, ours, note in [q for q in PAIRS if q[0] in a.methods]:
+    for method, ours, note in [q for q in PAIRS if q[1] in res and f"{q[0]} trl" in res]:
         trl = f"{method} trl"
         out = []
         for key, name in (("step_s", "wall"), ("cpu_s", "CPU")):

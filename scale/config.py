@@ -170,6 +170,8 @@ class RunConfig:
     #                                   (no pad tokens at all; needs a model whose attention follows position ids)
     share_prefix: bool = False        # with padding_free: rows that start with the same context (an RL prompt's
     #                                   samples, a DPO pair) hold it once in the packed row (scale.logprobs)
+    fused_mlp: bool = False           # gated SiLU MLPs keep 2 of their 4 [tokens, intermediate] activations for
+    #                                   the backward and recompute the rest (scale.mlp; the same gradients)
     save_every: int = 100             # checkpoint every k steps (0: only at the end and on SIGTERM / SIGINT)
     resume: bool | str = False        # false: a new run | true: continue from the newest checkpoint | auto: either
     overwrite: bool = False           # a new run may replace another run's files in output_dir (removed first)

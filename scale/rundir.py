@@ -22,7 +22,7 @@ from scale import checkpoint as ckpt
 RESUMABLE = ("run.max_steps", "run.resume", "run.overwrite", "run.save_every", "run.stop_after", "run.log_every",
              "run.progress", "run.tensorboard", "run.save_model", "run.output_dir", "run.threads",
              "run.entropy_every", "run.logprob_chunk", "run.logprob_memory_mb", "data.cache_dir",
-             "run.group_by_length", "run.padding_free", "run.share_prefix")
+             "run.group_by_length", "run.padding_free", "run.share_prefix", "run.fused_mlp")
 RUN_FILES = ("config.json", "metrics.jsonl", "eval_records.jsonl", "checkpoints", "final", "final.tmp", "tb")
 
 

@@ -38,6 +38,7 @@ from scale.generation import Generator
 from scale.logprobs import PACKED_ATTENTION, Policy, packing_error, policy_logps, use_packed_attention
 from scale.loss import Row, collate, local_counts, micro_loss, split_rows
 from scale.methods import get_method
+from scale.mlp import fuse_gated_mlps
 from scale.reference import Reference
 from scale.runlog import Logger, peak_rss_mb, progress
 
@@ -132,6 +133,8 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        if r.fused_mlp:   # after LoRA, so that an adapted down_proj is seen as one
+            self._fuse_mlps(model)
         policy = Policy(model, chunk=r.logprob_chunk, memory_mb=r.logprob_memory_mb)
         params = [p for p in policy.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay,
@@ -184,12 +187,23 @@ class Trainer:
         if self._zero3() or any(p.device.type == "meta" for p in model.parameters()):
             return
         tol = 1e-2 if self._dtype() in (torch.bfloat16, torch.float16) else 1e-4
-        for key, shared in (("run.padding_free", False), ("run.share_prefix", True))[:1 + share]:
+        checks = (("run.padding_free", False, "run.group_by_length"),
+                  ("run.share_prefix", True, "run.padding_free alone"))
+        for key, shared, instead in checks[:1 + share]:
             err = packing_error(model, shared=shared)
             if not err <= tol:
                 raise ValueError(f"{key}: {type(model).__name__} (attention {impl!r}) does not keep packed rows "
                                  f"apart: hidden states differ from unpacked ones by {err:.3g} (relative); use "
-                                 "run.group_by_length instead")
+                                 f"{instead} instead")
+
+    def _fuse_mlps(self, model) -> None:
+        """run.fused_mlp (scale.mlp): down_proj is taken over unless an engine shards its weight (FSDP, ZeRO-3:
+        the weight must stay with the engine) or it is not a plain Linear without bias (a LoRA layer)."""
+        sharded = self._zero3() or getattr(self.acc.state, "fsdp_plugin", None) is not None
+        counts = fuse_gated_mlps(model, take_down_proj=not sharded)
+        if not sum(counts.values()):
+            raise ValueError(f"run.fused_mlp: {type(model).__name__} has no gated SiLU MLP (gate_proj, up_proj, "
+                             "down_proj and a SiLU act_fn) to switch; set run.fused_mlp=false")
 
     def _make_reference(self, model):
         m = self.cfg.model
