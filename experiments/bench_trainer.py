@@ -61,6 +61,16 @@ side):
   grpo ptlab[ptlab]   wall 6.41 s/step (rows 2.39), peak RSS 2765 MB; speed 1.09x [1.08-1.11], memory 0.94
   grpo ptlab[shared]  wall 5.89 s/step (rows 2.22), peak RSS 2465 MB; speed 1.26x [0.95-1.34], memory 0.84
   grpo trl            wall 7.07 s/step, peak RSS 2948 MB
+Again with more rounds (`--steps 6 --rounds 5`, the same trainer code; completions 30.8-31.4):
+  grpo ptlab[hf]      wall 7.29 s/step (rows 2.68), peak RSS 2793 MB; speed 0.99x [0.89-1.04], memory 0.94
+  grpo ptlab[ptlab]   wall 7.21 s/step (rows 2.49), peak RSS 2739 MB; speed 0.99x [0.68-1.07], memory 0.92
+  grpo ptlab[shared]  wall 6.00 s/step (rows 2.30), peak RSS 2463 MB; speed 1.18x [1.08-1.30], memory 0.83
+  grpo trl            wall 7.26 s/step, peak RSS 2964 MB
+With run.fused_mlp (commit 1c7315b; `--runs "grpo ptlab[shared]" "grpo ptlab[lean]" "grpo trl"`, 5 rounds x 6 steps;
+completions 30.8 on every side):
+  grpo ptlab[shared]  wall 6.26 s/step (rows 2.58), peak RSS 2437 MB; speed 1.23x [1.14-1.31], memory 0.82
+  grpo ptlab[lean]    wall 6.29 s/step (rows 2.57), peak RSS 2325 MB; speed 1.23x [1.14-1.30], memory 0.78
+  grpo trl            wall 7.55 s/step, peak RSS 2986 MB
 """
 
 from __future__ import annotations
