@@ -64,7 +64,9 @@ class GatedMLP(torch.autograd.Function):
         g = g.to(h.dtype)
         w = weight.to(h.dtype)
         g_h = g @ w
-        g_w = (g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1])).to(weight.dtype)
+        g_w = None
+        if ctx.needs_input_grad[2]:   # a frozen down_proj (LoRA elsewhere) costs no weight gradient
+            g_w = (g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1])).to(weight.dtype)
         g_gate, g_up = _gate_up_grads(g_h, gate, up, s, act)
         return g_gate, g_up, g_w
 

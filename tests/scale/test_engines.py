@@ -78,6 +78,8 @@ def _reloads(final: Path, saved: dict) -> None:
 
 # the per-case tests (one launch per run) are the slow suite's full matrix; the default run has
 # test_engine_matrix, which covers each engine with several runs per launch
+# padding-free rows with shared prompts and lean MLPs (under FSDP2 and ZeRO-3 SiluMul, under DDP / ZeRO-2 GatedMLP)
+LEAN = {"run.padding_free": True, "run.share_prefix": True, "run.fused_mlp": True}
 CASES = [pytest.param("sft", "sft", 1, {}, marks=pytest.mark.slow),
          pytest.param("rl", "rl", 2, {}, marks=pytest.mark.slow),
          pytest.param("dpo", "dpo", 1, {}, marks=pytest.mark.slow),
@@ -88,7 +90,8 @@ CASES = [pytest.param("sft", "sft", 1, {}, marks=pytest.mark.slow),
          pytest.param("srft", "rl", 2, {}, marks=pytest.mark.slow),
          pytest.param("hpt", "rl", 2, {"method.hpt.variant": "code", "method.hpt.gamma": 0.5}, marks=pytest.mark.slow),
          pytest.param("rl", "rl", 2, {"generation.backend": "ptlab"}, marks=pytest.mark.slow),
-         pytest.param("sft_dpo", "joint", 1, {"method.joint.schedule": "mix"}, marks=pytest.mark.slow)]
+         pytest.param("sft_dpo", "joint", 1, {"method.joint.schedule": "mix"}, marks=pytest.mark.slow),
+         pytest.param("rl", "rl", 2, LEAN, marks=pytest.mark.slow, id="rl-lean")]
 
 
 @pytest.mark.parametrize("method,data,base_procs,extra", CASES)
@@ -127,7 +130,9 @@ ZERO_CASES = [pytest.param("zero2", "sft", "sft", 1, {}, marks=pytest.mark.slow)
               pytest.param("zero2", "srft", "rl", 2, {}, marks=pytest.mark.slow),
               pytest.param("zero2", "sft_dpo", "joint", 1, {"method.joint.schedule": "maxright", "method.joint.k": 1},
                            marks=pytest.mark.slow),
-              pytest.param("zero3", "sft_dpo", "joint", 1, {"method.joint.schedule": "mix"}, marks=pytest.mark.slow)]
+              pytest.param("zero3", "sft_dpo", "joint", 1, {"method.joint.schedule": "mix"}, marks=pytest.mark.slow),
+              pytest.param("zero3", "rl", "rl", 2, LEAN, marks=pytest.mark.slow, id="zero3-rl-lean"),
+              pytest.param("zero2", "dpo", "dpo", 1, LEAN, marks=pytest.mark.slow, id="zero2-dpo-lean")]
 
 
 @pytest.mark.parametrize("engine,method,data,base_procs,extra", ZERO_CASES)

@@ -37,6 +37,12 @@ def test_functions_equal_autograd_through_the_plain_expression():
         assert float((o1 - o2).abs().max()) <= 1e-12
         for a, b in zip(g1, g2):
             assert b.abs().max() > 1 and float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+    # a frozen down_proj weight: no weight gradient is formed, the others are unchanged
+    xs = [x.clone().requires_grad_() for x in (gate, up)]
+    got = torch.autograd.grad((GatedMLP.apply(*xs, weight) * w_out).sum(), xs)
+    want = torch.autograd.grad((F.linear(F.silu(xs[0]) * xs[1], weight) * w_out).sum(), xs)
+    for a, b in zip(got, want):
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
 
 
 def _saved_bytes(mlp, x) -> int:
