@@ -149,10 +149,11 @@ def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "h
 
     s = SETTINGS
     ov = [f"model.path={world['model']}", "run.cpu=true", f"run.output_dir={out}", f"run.max_steps={steps}",
-          "run.progress=false", "run.save_model=false", f"run.lr={s['lr']}", "run.tensorboard=false",
+          "run.progress=false", "run.save_model=false", f"run.lr={s['grpo_lr' if method == 'grpo' else 'lr']}",
+          "run.tensorboard=false",
           f"data.max_length={world['max_length']}", "data.shuffle=false"]
     if method == "grpo":
-        ov += ["method.name=rl", "method.rl.estimator=grpo", f"data.path={world['rl']}", f"run.lr={s['grpo_lr']}",
+        ov += ["method.name=rl", "method.rl.estimator=grpo", f"data.path={world['rl']}",
                "method.rl.reward=experiments.bench_trainer:parity_reward", f"run.batch_size={s['prompts']}",
                f"generation.n={s['n']}", f"generation.max_new_tokens={s['max_new_tokens']}",
                "generation.temperature=1.0", "generation.top_p=1.0",
