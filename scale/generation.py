@@ -11,14 +11,17 @@ from scale.gather import gathered
 
 
 class Generator:
-    def __init__(self, cfg: Config, tok, acc, model_fn, rollouts: bool = True, root_fn=None):
+    def __init__(self, cfg: Config, tok, acc, model_fn, rollouts: bool = True, root_fn=None,
+                 logprobs: bool = False):
         """`model_fn()` returns the current (unwrapped) Hugging Face model, `root_fn()` the prepared module
         (FSDP2: its sharded root); vLLM serves the rollouts of an on-policy method only (evaluation and
-        off-policy methods sample with hf)."""
+        off-policy methods sample with hf). `logprobs`: record the sampler's log-probs (the rollout correction
+        reads them; otherwise they are not kept)."""
         self.cfg, self.tok, self.acc, self.model_fn, self.root_fn = cfg, tok, acc, model_fn, root_fn
-        self.vllm = _VllmGenerator(cfg, acc) if cfg.generation.backend == "vllm" and rollouts else None
+        self.logprobs = logprobs
+        self.vllm = _VllmGenerator(cfg, acc, logprobs) if cfg.generation.backend == "vllm" and rollouts else None
         # per completion of the last sampled batch, the sampler's log-prob of each kept token (ptlab and vllm
-        # backends; None with hf): the rollout policy of `method.rl.rollout_correction`
+        # backends, when asked; else None): the rollout policy of `method.rl.rollout_correction`
         self.rollout_logprobs: list[list[float]] | None = None
 
     @torch.no_grad()
@@ -48,10 +51,10 @@ class Generator:
             if g.backend == "ptlab" and not greedy:
                 from scale.sampling import generate_ids
 
-                steps = []
+                steps = [] if self.logprobs else None
                 new = generate_ids(model, ids, mask, n, max_new, self.tok.eos_token_id, self.tok.pad_token_id,
                                    temperature=g.temperature, top_p=g.top_p, logprobs=steps)
-                return self._cut_sampled(new.tolist(), torch.stack(steps, 1).tolist())
+                return self._cut_sampled(new.tolist(), torch.stack(steps, 1).tolist() if steps is not None else None)
             sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None} if greedy else \
                 {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k}
             new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
@@ -61,10 +64,10 @@ class Generator:
         finally:
             model.train(was_training)
 
-    def _cut_sampled(self, rows: list[list[int]], logprobs: list[list[float]]) -> list[list[int]]:
-        """`_cut` each row, and keep the sampler's log-probs of the kept tokens as `rollout_logprobs`."""
+    def _cut_sampled(self, rows: list[list[int]], logprobs: list[list[float]] | None) -> list[list[int]]:
+        """`_cut` each row, and keep the sampler's log-probs of the kept tokens (if recorded) as `rollout_logprobs`."""
         rows = [self._cut(row) for row in rows]
-        self.rollout_logprobs = [lp[:len(r)] for lp, r in zip(logprobs, rows)]
+        self.rollout_logprobs = None if logprobs is None else [lp[:len(r)] for lp, r in zip(logprobs, rows)]
         return rows
 
     def _cut(self, row: list[int]) -> list[int]:
@@ -92,7 +95,7 @@ class _VllmGenerator:
     it. `rollout_logprobs` feed the rollout correction (`method.rl.estimator_options.rollout_correction`).
     """
 
-    def __init__(self, cfg: Config, acc):
+    def __init__(self, cfg: Config, acc, logprobs: bool = False):
         import os
 
         try:
@@ -113,7 +116,8 @@ class _VllmGenerator:
                        logprobs_mode="processed_logprobs")      # log-probs after temperature, as sampled
         if self.sleep:
             self.llm.sleep(level=2)
-        self.rollout_logprobs: list[list[float]] = []
+        self.logprobs = logprobs
+        self.rollout_logprobs: list[list[float]] | None = None
         acc.wait_for_everyone()
 
     def push(self, model, root, acc) -> None:
@@ -131,10 +135,12 @@ class _VllmGenerator:
         if self.sleep:
             self.llm.wake_up(tags=["kv_cache"])
         sp = self.SamplingParams(n=n, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k or -1,
-                                 max_tokens=g.max_new_tokens, logprobs=0)
+                                 max_tokens=g.max_new_tokens,
+                                 logprobs=0 if self.logprobs else None)
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         if self.sleep:
             self.llm.sleep(level=2)
         done = [o for out in outs for o in out.outputs]
-        self.rollout_logprobs = [[step[t].logprob for t, step in zip(o.token_ids, o.logprobs)] for o in done]
+        self.rollout_logprobs = [[step[t].logprob for t, step in zip(o.token_ids, o.logprobs)] for o in done] \
+            if self.logprobs else None
         return [list(o.token_ids) for o in done]

@@ -198,13 +198,16 @@ def pack(mb: dict, share_prefix: bool = False) -> dict:
     att = mb["attention_mask"].bool()
     if not is_right_padded(att):
         raise ValueError("pack: the micro-batch is not right-padded")
-    lens = att.sum(1).tolist()
-    starts = [0] * len(lens)
-    order = list(range(len(lens)))
+    keep = att
     if share_prefix:
-        order, starts = _share(mb["input_ids"], mb["score_mask"], lens)
-    rows = torch.cat([torch.full((lens[i] - starts[i],), i) for i in order]).to(att.device)
-    cols = torch.cat([torch.arange(starts[i], lens[i]) for i in order]).to(att.device)
+        order, starts = _share(mb["input_ids"], mb["score_mask"], att.sum(1).tolist())
+        keep = att & (torch.arange(att.shape[1], device=att.device) >= torch.tensor(starts, device=att.device)[:, None])
+    rows, cols = keep.nonzero(as_tuple=True)   # row after row
+    if share_prefix:   # ... in the groups' order
+        rank = torch.empty(len(order), dtype=torch.long, device=att.device)
+        rank[order] = torch.arange(len(order), device=att.device)
+        perm = torch.sort(rank[rows], stable=True).indices
+        rows, cols = rows[perm], cols[perm]
     return {"input_ids": mb["input_ids"][rows, cols][None], "position_ids": cols[None],
             "score_mask": mb["score_mask"][rows, cols][None], "index": (rows, cols), "shape": att.shape}
 
@@ -217,8 +220,8 @@ def _share(input_ids: torch.Tensor, score_mask: torch.Tensor, lens: list[int]) -
     first = torch.where(score.any(1), score.float().argmax(1), torch.tensor(lens)).tolist()
     groups: dict[tuple, list[int]] = {}
     starts = [0] * len(lens)
-    for i, n in enumerate(lens):
-        c = min(first[i], n) - 1
+    for i in range(len(lens)):
+        c = first[i] - 1
         key = (c, *ids[i, :c].tolist()) if c > 0 else (i, "alone")
         if key in groups:
             starts[i] = c
@@ -235,11 +238,10 @@ def unpack(x: torch.Tensor, p: dict) -> torch.Tensor:
 PACKING = ("none", "rows", "prefix")
 
 
-def policy_logps(model, mb: dict, packing: str | bool = "none", **kw):
+def policy_logps(model, mb: dict, packing: str = "none", **kw):
     """(logp, entropy or None) [B, T] of a collated micro-batch under `model` (a `Policy`, or the prepared
-    module wrapping one), computed on the padded batch ("none", False), on its packed row ("rows", True:
-    `run.padding_free`), or packed with shared prefixes held once ("prefix": `run.share_prefix`; module doc)."""
-    packing = {False: "none", True: "rows"}.get(packing, packing)
+    module wrapping one), computed on the padded batch ("none"), on its packed row ("rows": `run.padding_free`),
+    or packed with shared prefixes held once ("prefix": `run.share_prefix`; module doc). `RunConfig.packing`."""
     if packing not in PACKING:
         raise ValueError(f"packing: expected one of {PACKING}, got {packing!r}")
     if packing == "none":

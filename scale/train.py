@@ -148,8 +148,9 @@ class Trainer:
         self.reference = Reference(self, ref)
         if method.uses_pairs and cfg.method.dpo.precompute_ref:
             self.reference.precompute(self.pref)
+        corrected = self.terms.rl is not None and self.terms.rl.rollout_correction != "none"
         self.generator = Generator(cfg, self.tok, self.acc, self._model, rollouts=method.rollouts,
-                                   root_fn=lambda: self.policy)
+                                   root_fn=lambda: self.policy, logprobs=corrected)
         self.step, self.stopped_by = 0, 0
         self.out = Path(r.output_dir)
         self._perms: dict = {}

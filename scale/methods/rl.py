@@ -82,9 +82,8 @@ def rollout_rows(tr, exs: list[dict], idx: list[int], step: int, info: dict, wit
     parts: dict = {}
     rewards = tr.rewards(texts, answers, [i for i in idx for _ in range(n_gen)], f"step {step + 1}",
                          completion_ids=comps, parts=parts)
-    # the sampler's log-probs, carried only when the rollout correction reads them (collate builds a tensor of them)
-    corrected = tr.terms.rl.rollout_correction != "none"
-    sampled_lp = (corrected and tr.generator.rollout_logprobs) or [None] * len(comps)
+    # the sampler's log-probs: recorded only when the rollout correction reads them (Trainer, Generator)
+    sampled_lp = tr.generator.rollout_logprobs or [None] * len(comps)
     rows: list[Row] = []
     for q, e in enumerate(exs):
         for k in range(n_gen):

@@ -99,3 +99,10 @@ def test_a_run_with_the_correction_trains(world, tmp_path):
 def test_backends_without_sampler_logprobs_are_refused_by_name(world, tmp_path):
     with pytest.raises(ValueError, match="generation.backend"):
         _trainer(world, tmp_path, **{"generation.backend": "hf"})
+
+
+def test_without_the_correction_no_logprobs_are_recorded(world, tmp_path):
+    """Recording costs a [rows, tokens] list per batch: it happens only when the correction reads it."""
+    tr = _trainer(world, tmp_path, **{"method.rl.estimator_options": {}})
+    tr.generate([tr.data[0]["prompt_ids"]], 2)
+    assert tr.generator.rollout_logprobs is None
