@@ -12,8 +12,10 @@ defaults to), batch, lengths and reward.
   model.generate as TRL does; `ptlab[ptlab]` with ptlab's own sampling loop (scale/sampling.py: the same
   distribution, tested against generate), the same n / max_new_tokens / temperature / top_p; `ptlab[shared]`
   with that sampler and a padding-free, length-grouped update that holds each prompt once per micro-batch
-  (run.share_prefix); `ptlab[lean]` the same with run.fused_mlp (gated MLPs keep fewer activations). lr 1e-6
-  on both sides (see SETTINGS), and each side's mean completion length is printed.
+  (run.share_prefix); `ptlab[lean]` the same with run.fused_mlp (gated MLPs keep fewer activations);
+  `ptlab[skip]` that with run.skip_zero_advantage (no forward or backward for samples whose advantage is
+  exactly 0: the same step; the table's zero-adv column is their share, groups whose parity rewards were all
+  equal). lr 1e-6 on both sides (see SETTINGS), and each side's mean completion length is printed.
 - SFT: 16 prompt/completion examples per step, loss on the completion tokens, max length 128.
 Each (run, method) is its own subprocess; every run goes once per round and the order flips each round (A/B
 interleaving, so a drift in machine load hits both sides). Per run: median step time after 2 warm-up steps,
@@ -162,19 +164,23 @@ def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "h
         ov += [f"method.name={method}", f"data.path={world[method]}", f"run.batch_size={s[method + '_batch']}"]
         if method == "dpo":
             ov += [f"method.dpo.beta={s['beta']}"]
-    if backend in ("packed", "shared", "lean"):   # padding-free, length-grouped micro-batches
+    if backend in ("packed", "shared", "lean", "skip"):   # padding-free, length-grouped micro-batches
         ov += ["run.padding_free=true", "run.group_by_length=true"]
-    if backend in ("shared", "lean"):             # ... holding each prompt once per micro-batch
+    if backend in ("shared", "lean", "skip"):     # ... holding each prompt once per micro-batch
         ov += ["run.share_prefix=true"]
-    if backend == "lean":                         # ... and MLPs that keep fewer activations
+    if backend in ("lean", "skip"):               # ... and MLPs that keep fewer activations
         ov += ["run.fused_mlp=true"]
+    if backend == "skip":                         # ... and no forward / backward for zero-advantage samples
+        ov += ["run.skip_zero_advantage=true"]
     tr = Trainer(load_config(None, ov))
     lengths = []   # mean completion tokens per step (RL: what the sampler drew)
+    zero = []      # RL: the fraction of samples with advantage exactly 0 (groups whose rewards were all equal)
     rows_fn = tr.method.rows
 
     def rows(t, step, info):
         out = rows_fn(t, step, info)
         lengths.append(statistics.mean(len(r.input_ids) - r.prompt_len for r in out))
+        zero.append(statistics.mean(r.kind == "rl" and r.advantage == 0.0 for r in out))
         return out
 
     tr.method.rows = rows
@@ -186,7 +192,8 @@ def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "h
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         gen.append(m.get("generation_time", 0.0))  # build_rows: generation, decoding, rewards (SFT: the batch's rows)
-    return {"times": times, "cpu": cpu, "gen": gen, "rss_before": base, "peak_rss": _rss_mb(), "lengths": lengths}
+    return {"times": times, "cpu": cpu, "gen": gen, "rss_before": base, "peak_rss": _rss_mb(), "lengths": lengths,
+            "zero_adv": zero}
 
 
 def run_trl(method: str, world: dict, steps: int, out: Path) -> dict:
@@ -257,6 +264,7 @@ def _worker(which: str, method: str, world: dict, steps: int, threads: int, back
 # (label, trainer, method, ptlab generation backend)
 RUNS = [("grpo ptlab[hf]", "ptlab", "grpo", "hf"), ("grpo ptlab[ptlab]", "ptlab", "grpo", "ptlab"),
         ("grpo ptlab[shared]", "ptlab", "grpo", "shared"), ("grpo ptlab[lean]", "ptlab", "grpo", "lean"),
+        ("grpo ptlab[skip]", "ptlab", "grpo", "skip"),
         ("grpo trl", "trl", "grpo", ""),
         ("sft ptlab", "ptlab", "sft", ""),
         ("sft ptlab[packed]", "ptlab", "sft", "packed"), ("sft trl", "trl", "sft", ""),
@@ -266,6 +274,7 @@ PAIRS = [("grpo", "grpo ptlab[hf]", "model.generate on both sides"),
          ("grpo", "grpo ptlab[ptlab]", "ptlab's sampler (scale/sampling.py) vs TRL's model.generate"),
          ("grpo", "grpo ptlab[shared]", "ptlab's sampler, padding-free update holding each prompt once"),
          ("grpo", "grpo ptlab[lean]", "the same with run.fused_mlp"),
+         ("grpo", "grpo ptlab[skip]", "the same with run.skip_zero_advantage"),
          ("sft", "sft ptlab", "padded micro-batches on both sides"),
          ("sft", "sft ptlab[packed]", "ptlab padding-free and length-grouped vs TRL's padded batches"),
          ("dpo", "dpo ptlab", "padded micro-batches on both sides; reference log-probs computed every step on both"),
@@ -286,6 +295,7 @@ def _one(run, world, a) -> dict:
     r["cpu_s"] = statistics.median(r["cpu"][2:] or r["cpu"])
     r["gen_s"] = statistics.median(r["gen"][2:] or r["gen"]) if "gen" in r else float("nan")
     r["len"] = statistics.mean(r["lengths"][2:] or r["lengths"]) if r["lengths"] else float("nan")
+    r["zero"] = statistics.mean(r["zero_adv"][2:] or r["zero_adv"]) if r.get("zero_adv") else float("nan")
     return r
 
 
@@ -329,14 +339,14 @@ def main(argv=None) -> int:
     print(f"{a.size} model on CPU, one process, {a.threads} thread(s), {a.steps} steps per run (median after 2 "
           f"warm-up), {a.rounds} interleaved rounds; settings {SETTINGS}, max_length {world['max_length']}")
     print(f"{'run':18s} {'wall s/step':>12s} {'CPU s/step':>11s} {'peak RSS MB':>12s} {'RSS growth MB':>14s} "
-          f"{'rows s/step':>12s} {'completion':>10s}")
+          f"{'rows s/step':>12s} {'completion':>10s} {'zero-adv':>8s}")
     for label, rs in res.items():
         med = {k: statistics.median(f(r) for r in rs) for k, f in (("wall", lambda r: r["step_s"]),
                ("cpu", lambda r: r["cpu_s"]), ("peak", lambda r: r["peak_rss"]),
                ("grow", lambda r: r["peak_rss"] - r["rss_before"]), ("gen", lambda r: r["gen_s"]),
-               ("len", lambda r: r["len"]))}
+               ("len", lambda r: r["len"]), ("zero", lambda r: r["zero"]))}
         print(f"{label:18s} {med['wall']:12.4f} {med['cpu']:11.4f} {med['peak']:12.1f} {med['grow']:14.1f} "
-              f"{med['gen']:12.4f} {med['len']:10.1f}")
+              f"{med['gen']:12.4f} {med['len']:10.1f} {med['zero']:8.3f}")
     print("speed = TRL step time / ptlab step time, per round (paired), median [min-max]; goal >= 1.5x, memory <= 1")
     for method, ours, note in [q for q in PAIRS if q[1] in res and f"{q[0]} trl" in res]:
         trl = f"{method} trl"

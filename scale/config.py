@@ -172,6 +172,8 @@ class RunConfig:
     #                                   samples, a DPO pair) hold it once in the packed row (scale.logprobs)
     fused_mlp: bool = False           # gated SiLU MLPs keep 2 of their 4 [tokens, intermediate] activations for
     #                                   the backward and recompute the rest (scale.mlp; the same gradients)
+    skip_zero_advantage: bool = False  # RL samples whose advantage is exactly 0 skip the forward and backward:
+    #                                   their gradient is exactly 0 (refused where a KL or entropy term acts on them)
     save_every: int = 100             # checkpoint every k steps (0: only at the end and on SIGTERM / SIGINT)
     resume: bool | str = False        # false: a new run | true: continue from the newest checkpoint | auto: either
     overwrite: bool = False           # a new run may replace another run's files in output_dir (removed first)
@@ -465,7 +467,7 @@ class Config:
             raise ValueError("run.share_prefix: packs shared prefixes into padding-free rows; "
                              "set run.padding_free=true")
         if self.datareg.update_rule != "full":
-            for key in ("group_by_length", "padding_free"):
+            for key in ("group_by_length", "padding_free", "skip_zero_advantage"):
                 if getattr(r, key):
                     raise ValueError(f"run.{key}: not available with datareg.update_rule={self.datareg.update_rule}, "
                                      "which scores and selects samples within each micro-batch with its own forward")

@@ -27,9 +27,11 @@ def _silu_parts(gate: torch.Tensor):
     return torch.sigmoid(gate), F.silu(gate)
 
 
-def _gate_up_grads(g_h, gate, up, s, act):
-    """d(silu(gate) * up) for an upstream gradient g_h: silu'(x) = s (1 + x (1 - s))."""
-    return g_h * up * s * (1 + gate * (1 - s)), g_h * act
+def _silu_grad_(act: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """silu'(x) = s (1 + x (1 - s)) = s + act (1 - s), written over `act` (act = silu(x), s = sigmoid(x)): two
+    passes over the [tokens, intermediate] tensor and no new one. Each of those costs a trip through memory
+    (and, freshly allocated, page faults), and the backward's elementwise work was a sixth of a CPU update."""
+    return act.addcmul_(act, s, value=-1).add_(s)
 
 
 class SiluMul(torch.autograd.Function):
@@ -44,7 +46,8 @@ class SiluMul(torch.autograd.Function):
     def backward(ctx, g_h):
         gate, up = ctx.saved_tensors
         s, act = _silu_parts(gate)
-        return _gate_up_grads(g_h, gate, up, s, act)
+        g_up = g_h * act
+        return torch.mul(g_h, up).mul_(_silu_grad_(act, s)), g_up   # g_h is autograd's: not written to
 
 
 class GatedMLP(torch.autograd.Function):
@@ -67,8 +70,9 @@ class GatedMLP(torch.autograd.Function):
         g_w = None
         if ctx.needs_input_grad[2]:   # a frozen down_proj (LoRA elsewhere) costs no weight gradient
             g_w = (g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1])).to(weight.dtype)
-        g_gate, g_up = _gate_up_grads(g_h, gate, up, s, act)
-        return g_gate, g_up, g_w
+        del h
+        g_up = g_h * act
+        return g_h.mul_(up).mul_(_silu_grad_(act, s)), g_up, g_w   # g_h is ours: the gate's gradient overwrites it
 
 
 def _gated_parts(module: nn.Module) -> bool:

@@ -17,12 +17,14 @@ from scale import checkpoint as ckpt
 
 # Keys that may differ between a checkpoint's run and the run that resumes it: the length of the run, how
 # often and what it saves and logs, the folder itself, and how the work is split (threads, the head's chunks,
-# length-grouped or packed micro-batches: the same values up to rounding; the token cache's folder).
+# length-grouped or packed micro-batches, skipped zero-advantage samples: the same values up to rounding;
+# the token cache's folder).
 # Everything else fixes the experiment.
 RESUMABLE = ("run.max_steps", "run.resume", "run.overwrite", "run.save_every", "run.stop_after", "run.log_every",
              "run.progress", "run.tensorboard", "run.save_model", "run.output_dir", "run.threads",
              "run.entropy_every", "run.logprob_chunk", "run.logprob_memory_mb", "data.cache_dir",
-             "run.group_by_length", "run.padding_free", "run.share_prefix", "run.fused_mlp")
+             "run.group_by_length", "run.padding_free", "run.share_prefix", "run.fused_mlp",
+             "run.skip_zero_advantage")
 RUN_FILES = ("config.json", "metrics.jsonl", "eval_records.jsonl", "checkpoints", "final", "final.tmp", "tb")
 
 

@@ -81,6 +81,8 @@ class Trainer:
         if method.rollouts:
             self._trial_reward()
         self.terms = method.terms(self)
+        if r.skip_zero_advantage:
+            self._check_skip(method)
         self.schedule = method.schedule()
         self.datareg = None  # Dr. Post-Training update rules (scale/datareg.py); target data checked here
         if cfg.datareg.update_rule != "full":
@@ -169,6 +171,58 @@ class Trainer:
         if self.cfg.run.padding_free:   # packed rows attend one example at a time (scale.logprobs)
             use_packed_attention(model)
         return model
+
+    def _check_skip(self, method) -> None:
+        """run.skip_zero_advantage is exact only where a sample's loss is its advantage times a factor: refused
+        (naming the key) for a method with no RL samples, a KL term in the loss or an entropy bonus, which act
+        on a sample whatever its advantage."""
+        rl, why = self.terms.rl, None
+        if not method.rollouts or rl is None:
+            why = f"method {self.cfg.method.name!r} samples no RL completions"
+        elif rl.kl_coef and rl.kl_placement == "loss":
+            why = "the KL term in the loss (method.rl.kl_coef with kl_placement loss) acts on every sample"
+        elif self.terms.entropy_coef:
+            why = "the entropy bonus (method.rl.entropy_coef) acts on every sample"
+        if why:
+            raise ValueError(f"run.skip_zero_advantage: {why}, so no sample's gradient is known to be zero; set it "
+                             "to false")
+
+    def _zero_gradient_rows(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+        """(rows to train on, rows left out): with run.skip_zero_advantage, the RL samples whose advantage times
+        weight is exactly 0. Each of their tokens adds A x (a factor) = 0 to the loss, so their gradient is exactly
+        0 and the step's is the same without them (up to the summation order), provided their tokens still count
+        in the normalisers (`update` takes those from every row first). A group whose rewards are all equal has
+        only such samples (GRPO, RLOO, Dr. GRPO): on a real RLVR batch, every prompt that is always or never
+        solved."""
+        if not self.cfg.run.skip_zero_advantage:
+            return rows, []
+        out = [rw.kind == "rl" and rw.advantage * rw.weight == 0.0 for rw in rows]
+        return [rw for rw, o in zip(rows, out) if not o], [rw for rw, o in zip(rows, out) if o]
+
+    def _left_out_stats(self, rows: list[Row], norms: dict, stats: dict) -> int:
+        """The statistics of the rows `_zero_gradient_rows` left out, added to `stats` so that the logged values
+        are those of the whole batch; returns their tokens. Their clip and ratio statistics need their log-probs
+        only off-policy (old log-probs) or under a rollout correction, and their entropy only on the steps that
+        log it; otherwise (their ratio is exactly 1 and nothing is clipped) zeros stand in for the log-probs and
+        no forward runs. A forward runs in run.grad_accum micro-batches, as many on every process (collectives
+        under FSDP / ZeRO-3)."""
+        r = self.cfg.run
+        ent = self.entropy_args()["with_entropy"]
+        forward = ent or any(rw.old_logp is not None for rw in rows) or self.terms.rl.rollout_correction != "none"
+        if not (rows or forward):
+            return 0
+        for mb_rows in split_rows(rows, r.grad_accum if forward else 1):
+            mb = self.collate(mb_rows)
+            with torch.no_grad():
+                if forward:
+                    lp, e = policy_logps(self.policy, mb, r.packing, temperature=self.cfg.generation.temperature,
+                                         with_entropy=ent, entropy_grad=False)
+                else:
+                    lp, e = torch.zeros(mb["score_mask"].shape, dtype=torch.float64, device=self.acc.device), None
+                _, st = micro_loss(lp, e, mb, self.terms, norms)
+            for k, v in st.items():
+                stats[k] += v
+        return sum(len(rw.input_ids) for rw in rows)
 
     def _check_packing(self, model) -> None:
         """run.padding_free: the model's hidden states on packed rows equal those of the rows alone (a model
@@ -349,7 +403,8 @@ class Trainer:
         total = 0.0
         tokens = 0
         scale = r.grad_accum * self.P
-        for j, mb_rows in enumerate(split_rows(rows, r.grad_accum, r.group_by_length)):
+        trained, left_out = self._zero_gradient_rows(rows)   # after the counts: their tokens still normalise
+        for j, mb_rows in enumerate(split_rows(trained, r.grad_accum, r.group_by_length)):
             mb = self.collate(mb_rows)
             tokens += int(mb["attention_mask"].sum())
             if getattr(self, "datareg", None) is not None:  # the rule's own backward (scale/datareg.py)
@@ -363,6 +418,7 @@ class Trainer:
             total += float(loss.detach())
             for k, v in st.items():
                 stats[k] += v
+        tokens += self._left_out_stats(left_out, norms, stats)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if r.max_grad_norm > 0:
             gn = float(self.acc.clip_grad_norm_(params, r.max_grad_norm))
