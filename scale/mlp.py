@@ -84,6 +84,8 @@ def _gated_parts(module: nn.Module) -> bool:
 
 
 def _fused_forward(self, x):
+    if not torch.is_grad_enabled():   # nothing is kept for a backward: the plain module's path (down_proj's forward)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
     return GatedMLP.apply(self.gate_proj(x), self.up_proj(x), self.down_proj.weight)
 
 

@@ -11,7 +11,11 @@ no stopping criteria beyond EOS and the length, and per step
 - one draw per row by inverse CDF (one uniform number) instead of `torch.multinomial` (which draws one
   exponential number per vocabulary entry on CPU), the same distribution;
 - the attention mask built once as 4D and extended by a column (generate rebuilds it from 2D each step);
-- the prompt pass done once per prompt and its cache repeated n times (generate runs it n times).
+- the prompt pass done once per prompt and its cache repeated n times (generate runs it n times);
+- on CPU, in float32, the linear layers run on oneDNN with their weights reordered once per call into its
+  blocked layout (`cpu_packed_linears`; the reorder CPU inference engines and torch.compile's CPU freezing do):
+  a decode step multiplies a few dozen rows by every weight, where torch's default path is slow. The values
+  are the same products up to float32 rounding (another kernel sums in another order).
 
 Greedy decoding (`greedy=True`) takes the argmax, as `model.generate(do_sample=False)` does; tests check
 the two agree token for token, and `sampling_probs` against transformers' own warpers.
@@ -19,9 +23,12 @@ the two agree token for token, and `sampling_probs` against transformers' own wa
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 
 import torch
+from torch import nn
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
@@ -55,6 +62,43 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.minimum(tok, last)
 
 
+def _packed_linear(weight, bias, x):
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _packable(m: nn.Module) -> bool:
+    """A plain float32 nn.Linear on CPU with its own full weight: not a subclass, not sharded (a DTensor under
+    FSDP, an empty ZeRO-3 partition), and without a forward set on the instance (accelerate's hooks live there)."""
+    if type(m) is not nn.Linear or "forward" in m.__dict__:
+        return False
+    w = m.weight
+    return (type(w.data) is torch.Tensor and w.device.type == "cpu" and w.dtype == torch.float32
+            and tuple(w.shape) == (m.out_features, m.in_features))
+
+
+@contextlib.contextmanager
+def cpu_packed_linears(model: nn.Module, rows: int):
+    """Inside the block, `model`'s packable linear layers (`_packable`) multiply with a oneDNN copy of their weight
+    reordered for about `rows` rows at a time (module doc); yields how many. Nothing changes where oneDNN is
+    missing or under autocast (whose dtype the copy would ignore). The copies live only inside the block, so
+    the sampler always uses the current weights."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    usable = (torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")
+              and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+    done = []
+    try:
+        for m in model.modules() if usable else ():
+            if _packable(m):
+                w = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+                b = None if m.bias is None else m.bias.detach()
+                m.forward = functools.partial(_packed_linear, w, b)
+                done.append(m)
+        yield len(done)
+    finally:
+        for m in done:
+            del m.forward
+
+
 @torch.no_grad()
 def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, max_new_tokens: int,
                  eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
@@ -63,10 +107,17 @@ def generate_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n
     `num_return_sequences=n`), `pad_id` after a row's EOS; stops early when every row has ended.
     `logprobs`, a list, receives one [B * n] float32 tensor per step: the log-probability of each drawn token
     under the distribution it was drawn from (after temperature and top-p), the rollout policy's log-prob."""
-    from transformers import DynamicCache
-
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"n, max_new_tokens: expected positive integers, got {n}, {max_new_tokens}")
+    with cpu_packed_linears(model, input_ids.shape[0] * n):
+        return _sample(model, input_ids, attention_mask, n, max_new_tokens, eos_id, pad_id, temperature, top_p,
+                       greedy, generator, logprobs)
+
+
+def _sample(model, input_ids, attention_mask, n, max_new_tokens, eos_id, pad_id, temperature, top_p, greedy,
+            generator, logprobs):
+    from transformers import DynamicCache
+
     B, L = input_ids.shape
     dev = input_ids.device
     keep = attention_mask.bool()

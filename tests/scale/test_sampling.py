@@ -169,3 +169,39 @@ def test_trainer_runs_on_the_ptlab_backend(world, tmp_path):
     assert all(tok.eos_token_id not in c[:-1] for c in comps for tok in [tr.tok])
     m = tr.train_step(0)
     assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])
+
+
+def test_cpu_packed_linears_compute_the_layers_and_are_undone(lm):
+    """The oneDNN copies give each linear layer's output to float32 rounding (another kernel, another summation
+    order: within 1e-5 of the largest value), the model's logits likewise; after the block (even one left by an
+    error) every layer runs its own forward again. Left alone: a layer with a forward set on the instance
+    (accelerate's hooks), a float64 layer, and everything under autocast."""
+    from scale.sampling import cpu_packed_linears
+
+    model, tok = lm
+    ids, att = _prompts(tok)
+    lin = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    x = torch.randn(5, 3, lin[0].in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, logits = lin[0](x), model(input_ids=ids, attention_mask=att).logits
+        with cpu_packed_linears(model, 12) as k:
+            assert k == len(lin) > 0
+            assert all("forward" in m.__dict__ for m in lin)
+            got, got_logits = lin[0](x), model(input_ids=ids, attention_mask=att).logits
+    assert not any("forward" in m.__dict__ for m in lin)
+    for a, b in ((got, want), (got_logits, logits)):
+        err = float((a - b).abs().max())
+        assert err <= 1e-5 * float(b.abs().max()), err
+    with pytest.raises(RuntimeError, match="boom"):
+        with cpu_packed_linears(model, 12):
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in lin)
+
+    hooked, wide = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3).double()
+    hooked.forward = hooked.forward   # an instance attribute, as accelerate's add_hook_to_module sets
+    pair = torch.nn.Sequential(hooked, wide)
+    with cpu_packed_linears(pair, 2) as k:
+        assert k == 0
+    assert "forward" in hooked.__dict__
+    with torch.autocast("cpu", dtype=torch.bfloat16), cpu_packed_linears(model, 12) as k:
+        assert k == 0

@@ -131,3 +131,26 @@ def test_refused_without_rl_samples_and_with_datareg(world, tmp_path):
         load_config(None, [f"model.path={world['model']}", f"data.path={world['rl']}", "method.name=rl",
                            "run.skip_zero_advantage=true", "datareg.update_rule=target_only", "datareg.target=file",
                            f"datareg.target_path={world['sft']}", f"run.output_dir={tmp_path}"]).validate()
+
+
+def test_in_every_preset_a_zero_advantage_sample_has_zero_gradient():
+    """What the key relies on, for every estimator preset (KL term off, as the trainer requires): the loss's
+    gradient with respect to a sample's log-probs is exactly 0 when its advantage is 0, on- and off-policy
+    (ratios away from 1), while on-policy the other samples' is not (GSPO-style clips hold every ratio off-policy)."""
+    from scale.loss import rl_estimator
+    from theory.estimator import PRESETS
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 5
+    mask = torch.ones(B, T, dtype=torch.bool)
+    for name in PRESETS:
+        est = rl_estimator(name, max_new_tokens=T).replace(kl_coef=0.0)
+        for shift in (0.0, 0.1):
+            logp = (-3 * torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_()
+            old = logp.detach() + shift * torch.randn(B, T, generator=g, dtype=torch.float64)
+            A = torch.randn(B, generator=g, dtype=torch.float64)
+            A[::2] = 0.0
+            loss = est.loss(logp, old_logp=old, advantages=A, mask=mask, num_items=float(B * T), num_seqs=float(B))
+            (grad,) = torch.autograd.grad(loss, logp)
+            assert bool((grad[::2] == 0).all()), (name, shift)
+            assert shift or float(grad[1::2].abs().max()) > 0, name
