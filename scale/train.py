@@ -207,6 +207,8 @@ class Trainer:
         no forward runs. A forward runs in run.grad_accum micro-batches, as many on every process (collectives
         under FSDP / ZeRO-3)."""
         r = self.cfg.run
+        if not r.skip_zero_advantage:
+            return 0
         ent = self.entropy_args()["with_entropy"]
         forward = ent or any(rw.old_logp is not None for rw in rows) or self.terms.rl.rollout_correction != "none"
         if not (rows or forward):
