@@ -29,8 +29,8 @@ def _silu_parts(gate: torch.Tensor):
 
 def _silu_grad_(act: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """silu'(x) = s (1 + x (1 - s)) = s + act (1 - s), written over `act` (act = silu(x), s = sigmoid(x)): two
-    passes over the [tokens, intermediate] tensor and no new one. Each of those costs a trip through memory
-    (and, freshly allocated, page faults), and the backward's elementwise work was a sixth of a CPU update."""
+    passes over the [tokens, intermediate] tensor and no new one: each pass is a trip through memory, and a
+    fresh tensor of that size also costs page faults on CPU."""
     return act.addcmul_(act, s, value=-1).add_(s)
 
 

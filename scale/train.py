@@ -202,15 +202,15 @@ class Trainer:
     def _left_out_stats(self, rows: list[Row], norms: dict, stats: dict) -> int:
         """The statistics of the rows `_zero_gradient_rows` left out, added to `stats` so that the logged values
         are those of the whole batch; returns their tokens. Their clip and ratio statistics need their log-probs
-        only off-policy (old log-probs) or under a rollout correction, and their entropy only on the steps that
-        log it; otherwise (their ratio is exactly 1 and nothing is clipped) zeros stand in for the log-probs and
-        no forward runs. A forward runs in run.grad_accum micro-batches, as many on every process (collectives
-        under FSDP / ZeRO-3)."""
+        only off-policy (several updates per batch, old log-probs) or under a rollout correction, and their
+        entropy only on the steps that log it; otherwise (their ratio is exactly 1 and nothing is clipped) zeros
+        stand in for the log-probs and no forward runs. The choice is the same on every process, and a forward
+        runs in run.grad_accum micro-batches there (collectives under FSDP / ZeRO-3)."""
         r = self.cfg.run
         if not r.skip_zero_advantage:
             return 0
         ent = self.entropy_args()["with_entropy"]
-        forward = ent or any(rw.old_logp is not None for rw in rows) or self.terms.rl.rollout_correction != "none"
+        forward = ent or self.updates_per_step > 1 or self.terms.rl.rollout_correction != "none"
         if not (rows or forward):
             return 0
         for mb_rows in split_rows(rows, r.grad_accum if forward else 1):

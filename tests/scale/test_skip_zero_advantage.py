@@ -37,6 +37,7 @@ def _step(tr, units, terms, extra, skip: bool, init: dict, old_shift: float | No
     tr.terms = terms
     tr.cfg.run.skip_zero_advantage = skip
     rows = [rw for u in units for rw in u]
+    tr.updates_per_step = 1 if old_shift is None else 2   # what the trainer reads: old log-probs are set
     if old_shift is not None:
         rl = [rw for rw in rows if rw.kind == "rl"]
         tr.fill_old_logps(rl)
