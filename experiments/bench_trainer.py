@@ -73,6 +73,16 @@ completions 30.8 on every side):
   grpo ptlab[shared]  wall 6.26 s/step (rows 2.58), peak RSS 2437 MB; speed 1.23x [1.14-1.31], memory 0.82
   grpo ptlab[lean]    wall 6.29 s/step (rows 2.57), peak RSS 2325 MB; speed 1.23x [1.14-1.30], memory 0.78
   grpo trl            wall 7.55 s/step, peak RSS 2986 MB
+With ptlab's sampler on oneDNN (scale.sampling.cpu_packed_linears; commit 2570f0b, 5 rounds x 6 steps; zero-adv: the
+share of samples with advantage exactly 0, 0.031 in every ptlab run):
+  grpo ptlab[lean]    wall 4.58 s/step (rows 1.08), peak RSS 2309 MB; speed 1.48x [1.31-1.63], memory 0.78
+  grpo trl            wall 6.84 s/step, peak RSS 2971 MB
+and again with `--runs "grpo ptlab[lean]" "grpo ptlab[skip]" "grpo trl"`:
+  grpo ptlab[lean]    wall 4.67 s/step (rows 1.07), peak RSS 2296 MB; speed 1.42x [1.32-1.58], memory 0.78
+  grpo ptlab[skip]    wall 4.75 s/step (rows 1.14), peak RSS 2308 MB; speed 1.49x [1.28-1.53], memory 0.78
+  grpo trl            wall 6.97 s/step, peak RSS 2950 MB
+Before it, at c07468d / 30bc156 in the same session, ptlab[lean] was 1.14x [1.05-1.17] and 1.14x [1.11-1.43]
+(rows 2.21 / 2.55 s), ptlab[skip] 1.16x [1.02-1.47] (README, "GRPO at the same size").
 """
 
 from __future__ import annotations
