@@ -41,6 +41,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 MODES = ("plain", "grouped", "packed", "grouped+packed", "shared", "grouped+shared")
+SHARED_MODE = {"plain": "shared", "grouped": "grouped+shared"}   # the same split, packed with shared prefixes
 TIMED = ("plain", "grouped", "packed, sdpa mask", "packed", "grouped+packed")
 
 
@@ -64,25 +65,17 @@ def positions(steps: list, k: int) -> dict[str, int]:
         for mode, group in (("plain", False), ("grouped", True)):
             mbs = split_rows(rows, k, group)
             out[mode] += sum(len(mb) * max(len(r.input_ids) for r in mb) for mb in mbs)
-            out[mode.replace("plain", "shared").replace("grouped", "grouped+shared")] += sum(map(_shared, mbs))
+            out[SHARED_MODE[mode]] += sum(map(_shared, mbs))
     out["packed"] = out["grouped+packed"] = out["tokens"]
     return out
 
 
 def _shared(rows) -> int:
     """Positions of a micro-batch's packed row with shared prefixes, as the trainer builds it."""
-    import torch
-
     from scale.logprobs import pack
+    from scale.loss import collate
 
-    T = max(len(r.input_ids) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    score = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r.input_ids)] = torch.tensor(r.input_ids)
-        score[i, r.prompt_len:len(r.input_ids)] = True
-    att = torch.arange(T)[None] < torch.tensor([len(r.input_ids) for r in rows])[:, None]
-    return pack({"input_ids": ids, "attention_mask": att, "score_mask": score}, share_prefix=True)["input_ids"].shape[1]
+    return pack(collate(rows, pad_id=0), share_prefix=True)["input_ids"].shape[1]
 
 
 def _dist(lengths) -> str:

@@ -155,6 +155,14 @@ def _world(root: Path, size: str = "tiny", lengths: str = "world") -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in paths.items()}
 
 
+# each ptlab run's keys, one layer on the one before: padding-free length-grouped micro-batches; each prompt held
+# once per micro-batch; MLPs that keep fewer activations; no forward / backward for zero-advantage samples
+RUN_KEYS = {"packed": ["run.padding_free=true", "run.group_by_length=true"]}
+RUN_KEYS["shared"] = RUN_KEYS["packed"] + ["run.share_prefix=true"]
+RUN_KEYS["lean"] = RUN_KEYS["shared"] + ["run.fused_mlp=true"]
+RUN_KEYS["skip"] = RUN_KEYS["lean"] + ["run.skip_zero_advantage=true"]
+
+
 def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "hf") -> dict:
     from scale.config import load_config
     from scale.train import Trainer
@@ -174,14 +182,7 @@ def run_ptlab(method: str, world: dict, steps: int, out: Path, backend: str = "h
         ov += [f"method.name={method}", f"data.path={world[method]}", f"run.batch_size={s[method + '_batch']}"]
         if method == "dpo":
             ov += [f"method.dpo.beta={s['beta']}"]
-    if backend in ("packed", "shared", "lean", "skip"):   # padding-free, length-grouped micro-batches
-        ov += ["run.padding_free=true", "run.group_by_length=true"]
-    if backend in ("shared", "lean", "skip"):     # ... holding each prompt once per micro-batch
-        ov += ["run.share_prefix=true"]
-    if backend in ("lean", "skip"):               # ... and MLPs that keep fewer activations
-        ov += ["run.fused_mlp=true"]
-    if backend == "skip":                         # ... and no forward / backward for zero-advantage samples
-        ov += ["run.skip_zero_advantage=true"]
+    ov += RUN_KEYS.get(backend, [])
     tr = Trainer(load_config(None, ov))
     lengths = []   # mean completion tokens per step (RL: what the sampler drew)
     zero = []      # RL: the fraction of samples with advantage exactly 0 (groups whose rewards were all equal)

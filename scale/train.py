@@ -217,8 +217,7 @@ class Trainer:
             mb = self.collate(mb_rows)
             with torch.no_grad():
                 if forward:
-                    lp, e = policy_logps(self.policy, mb, r.packing, temperature=self.cfg.generation.temperature,
-                                         with_entropy=ent, entropy_grad=False)
+                    lp, e = self._logps(mb, with_entropy=ent, entropy_grad=False)
                 else:
                     lp, e = torch.zeros(mb["score_mask"].shape, dtype=torch.float64, device=self.acc.device), None
                 _, st = micro_loss(lp, e, mb, self.terms, norms)
@@ -389,6 +388,11 @@ class Trainer:
         v = self.acc.reduce(torch.tensor([c[k] for k in keys], dtype=torch.float64, device=self.acc.device), "sum")
         return dict(zip(keys, v.tolist()))
 
+    def _logps(self, mb: dict, **kw):
+        """The policy's (logp, entropy or None) of a collated micro-batch, in this run's layout and at the sampling
+        temperature (`scale.logprobs.policy_logps`)."""
+        return policy_logps(self.policy, mb, self.cfg.run.packing, temperature=self.cfg.generation.temperature, **kw)
+
     def entropy_args(self) -> dict:
         """Whether this step's forward computes the token entropy, and with its graph: an entropy bonus needs
         it (with gradients) every step; otherwise it is a statistic, computed on the steps that log it (every
@@ -413,8 +417,7 @@ class Trainer:
                 loss, st = self.datareg.backward(mb_rows, norms, j, r.grad_accum)
             else:
                 with self.acc.accumulate(self.policy):
-                    lp, ent = policy_logps(self.policy, mb, r.packing, temperature=self.cfg.generation.temperature,
-                                           **self.entropy_args())
+                    lp, ent = self._logps(mb, **self.entropy_args())
                     loss, st = micro_loss(lp, ent, mb, self.terms, norms)
                     self.acc.backward(loss * scale)
             total += float(loss.detach())
@@ -480,8 +483,7 @@ class Trainer:
         r = self.cfg.run
         for mb_rows in split_rows(rows, max(1, len(rows) // 8), r.group_by_length):
             mb = self.collate(mb_rows)
-            lp, _ = policy_logps(self.policy, mb, r.packing, temperature=self.cfg.generation.temperature,
-                                 with_entropy=False)
+            lp, _ = self._logps(mb, with_entropy=False)
             for i, rw in enumerate(mb_rows):
                 rw.old_logp = lp[i, rw.prompt_len:len(rw.input_ids)].double().tolist()
 
